@@ -1,0 +1,65 @@
+"""maskc: timestep-aware block masking for diffusion backbones, compiled with torch.fx.
+
+The public names of SPEC.md; everything else lives in submodules.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from maskc.errors import (
+    BlockError,
+    CaptureError,
+    EmptyCacheError,
+    InputChangedError,
+    MaskcError,
+    MaskFileError,
+    MaskMismatchError,
+    MaskShapeError,
+    StepOverflowError,
+)
+from maskc.mask import Mask
+from maskc.runtime import TimestepModules, compile
+
+__version__ = "0.1.0"
+
+
+def blocks(
+    model: torch.nn.Module,
+    types: Iterable[type] | None = None,
+    names: Iterable[str] | None = None,
+    example: tuple[tuple, dict] | None = None,
+) -> list[str]:
+    """Qualified names of the model's blocks, in forward execution order.
+
+    Defaults come from the backbone table (see the README's support matrix);
+    ``types`` or ``names`` override it. Execution order is observed by running
+    ``model(*example[0], **example[1])`` (a batch-1 example is built for table
+    backbones); without an example, ``named_modules`` order is returned.
+    """
+    from maskc.passes.blocks import example_inputs, execution_order, select_blocks
+
+    chosen = select_blocks(model, types=types, names=names)
+    if example is None:
+        example = example_inputs(model)
+    if example is None:
+        return chosen
+    return execution_order(model, chosen, *example)
+
+
+__all__ = [
+    "BlockError",
+    "CaptureError",
+    "EmptyCacheError",
+    "InputChangedError",
+    "Mask",
+    "MaskFileError",
+    "MaskMismatchError",
+    "MaskShapeError",
+    "MaskcError",
+    "StepOverflowError",
+    "TimestepModules",
+    "blocks",
+    "compile",
+]

@@ -1,0 +1,178 @@
+"""Runtime: TimestepModules, a drop-in for the backbone that dispatches on the step.
+
+The i-th call after construction or ``reset()`` runs ``tm[i]``: the capture of the
+model specialized to mask row i (skipped blocks are cache reads). The object owns
+the cache; it holds only values a later step reads and frees each after its last
+read. A call whose inputs differ in structure, shape, dtype, device or any
+non-tensor argument from the current trace is retraced at step 0 and refused in
+the middle of a generation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from maskc.errors import InputChangedError, MaskcError, StepOverflowError
+from maskc.mask import Mask
+from maskc.passes.capture import Capture, capture, flatten_inputs, guard_key
+from maskc.passes.schedule import Schedule, check_reads_filled, schedule
+
+__all__ = ["TimestepModules", "compile"]
+
+
+class _Plan:
+    """Everything derived from one capture: the step graphs and their compiled callables."""
+
+    def __init__(self, cap: Capture, sched: Schedule, backend: str | Callable) -> None:
+        self.capture = cap
+        self.schedule = sched
+        self.callables: list[Callable] = []
+        compiled: dict[int, Callable] = {}
+        for sg in sched.steps:
+            fn = compiled.get(id(sg))
+            if fn is None:
+                fn = sg.gm if backend == "eager" else torch.compile(sg.gm, backend=backend, dynamic=False)
+                compiled[id(sg)] = fn
+            self.callables.append(fn)
+
+
+class TimestepModules(torch.nn.Module):
+    """T step-specialized modules of one backbone, called in order like the backbone itself."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mask: Mask,
+        backend: str | Callable = "eager",
+        example_args: tuple | None = None,
+        example_kwargs: dict | None = None,
+        max_traces: int = 4,
+    ) -> None:
+        super().__init__()
+        if not isinstance(mask, Mask):
+            raise MaskcError(f"expected a maskc.Mask, got {type(mask).__name__}; build one with maskc.Mask(bits, names)")
+        mask.check(model)
+        check_reads_filled(mask.bits, mask.names)
+        self.model = model
+        self.mask = mask
+        self.backend = backend
+        self.max_traces = max_traces
+        self._plans: dict[Any, _Plan] = {}  # guard -> plan, most recent last
+        self._plan: _Plan | None = None
+        self._signature = None
+        self._step = 0
+        self._cache: dict[str, Any] = {}
+        self.peak_cache_entries = 0
+        if example_args is not None or example_kwargs is not None:
+            self._ensure_plan(tuple(example_args or ()), dict(example_kwargs or {}))
+
+    # -- container protocol ------------------------------------------------------
+    def __len__(self) -> int:
+        return self.mask.steps
+
+    def __getitem__(self, i: int) -> torch.fx.GraphModule:
+        """The GraphModule of step i for the current trace (functional form, see passes.rewrite)."""
+        if self._plan is None:
+            raise MaskcError(
+                "no trace yet: call the TimestepModules once, or pass example_args to maskc.compile, before tm[i]"
+            )
+        return self._plan.schedule.steps[i].gm
+
+    def step_graph(self, i: int):
+        """The StepGraph of step i: module plus its reads, writes and runs."""
+        self[i]
+        assert self._plan is not None
+        return self._plan.schedule.steps[i]
+
+    @property
+    def step(self) -> int:
+        """Index of the next call within the generation."""
+        return self._step
+
+    def reset(self) -> None:
+        """Start a new generation: step counter to 0, cache emptied."""
+        self._step = 0
+        self._cache.clear()
+
+    # -- tracing -----------------------------------------------------------------
+    def _ensure_plan(self, args: tuple, kwargs: dict) -> tuple[_Plan, list[Any]]:
+        if self._signature is None:
+            import inspect
+
+            sig = inspect.signature(type(self.model).forward)
+            self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+        leaves, spec = flatten_inputs(self._signature, args, kwargs)
+        key = guard_key(leaves, spec)
+        plan = self._plans.get(key)
+        if plan is None:
+            if self._step != 0:
+                assert self._plan is not None
+                raise InputChangedError(
+                    f"inputs changed at step {self._step} of a generation: "
+                    f"{_describe_change(self._plan.capture.guard, key)}. A generation must keep batch size, "
+                    "resolution, dtype, device and non-tensor arguments fixed; call reset() before a new one."
+                )
+            cap = capture(self.model, self.mask.names, args, kwargs)
+            plan = _Plan(cap, schedule(cap, self.mask.bits, self.mask.names), self.backend)
+            self._plans[key] = plan
+            while len(self._plans) > self.max_traces:
+                self._plans.pop(next(iter(self._plans)))
+        elif self._step != 0 and plan is not self._plan:
+            raise InputChangedError(
+                f"inputs changed at step {self._step} of a generation; call reset() before a new one"
+            )
+        self._plan = plan
+        return plan, leaves
+
+    # -- the call ----------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        i = self._step
+        if i >= self.mask.steps:
+            raise StepOverflowError(
+                f"called {i + 1} times, but the mask has T={self.mask.steps} steps; "
+                "call reset() before each new generation, or use a mask with as many rows as model evaluations"
+            )
+        plan, leaves = self._ensure_plan(args, kwargs)
+        sg = plan.schedule.steps[i]
+        tensors = [leaves[j] for j in plan.capture.tensor_leaf_index]
+        cache = self._cache
+        out = plan.callables[i](*tensors, *[cache[b] for b in sg.reads])
+        n = sg.n_outputs
+        for b, v in zip(sg.writes, out[n:]):
+            cache[b] = v
+        self.peak_cache_entries = max(self.peak_cache_entries, len(cache))
+        for b in plan.schedule.drop_after[i]:
+            cache.pop(b, None)
+        self._step = i + 1
+        return pytree.tree_unflatten(list(out[:n]), plan.capture.out_spec)
+
+    def cache_entries(self) -> list[str]:
+        """Blocks whose value the cache holds right now."""
+        return list(self._cache)
+
+
+def _describe_change(old: Any, new: Any) -> str:
+    if old[0] != new[0]:
+        return "the argument structure differs"
+    for k, (a, b) in enumerate(zip(old[1], new[1])):
+        if a != b:
+            return f"input leaf {k} was {a[1:]} and is now {b[1:]}"
+    return "the inputs differ"
+
+
+def compile(
+    model: torch.nn.Module,
+    mask: Mask,
+    backend: str | Callable = "eager",
+    example_args: tuple | None = None,
+    example_kwargs: dict | None = None,
+) -> TimestepModules:
+    """T modules, one per step of ``mask``, in which skipped blocks are cache reads.
+
+    ``backend="eager"`` runs the fx GraphModules as they are (bit-exact); any other
+    value is passed to ``torch.compile(..., backend=backend)`` per distinct step graph.
+    The trace happens at the first call, or now if example inputs are given.
+    """
+    return TimestepModules(model, mask, backend, example_args, example_kwargs)
