@@ -120,8 +120,10 @@ class TimestepModules(torch.nn.Module):
             while len(self._plans) > self.max_traces:
                 self._plans.pop(next(iter(self._plans)))
         elif self._step != 0 and plan is not self._plan:
+            assert self._plan is not None
             raise InputChangedError(
-                f"inputs changed at step {self._step} of a generation; call reset() before a new one"
+                f"inputs changed at step {self._step} of a generation: "
+                f"{_describe_change(self._plan.capture.guard, key)}; call reset() before a new one"
             )
         self._plan = plan
         return plan, leaves
@@ -158,7 +160,8 @@ def _describe_change(old: Any, new: Any) -> str:
         return "the argument structure differs"
     for k, (a, b) in enumerate(zip(old[1], new[1])):
         if a != b:
-            return f"input leaf {k} was {a[1:]} and is now {b[1:]}"
+            kind = "tensor" if a[0] == "T" else "non-tensor"
+            return f"{kind} input {k} was {a[1:]} and is now {b[1:]}"
     return "the inputs differ"
 
 

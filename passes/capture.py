@@ -55,6 +55,10 @@ _CONCRETE_METHODS = frozenset(
 _MISSING = object()
 
 
+class DataDependentError(Exception):
+    """Python control flow on tensor data met during capture (internal; rewrapped)."""
+
+
 class ValueProxy(fx.Proxy):
     """A proxy that also holds the real value of what it stands for."""
 
@@ -87,26 +91,51 @@ class ValueProxy(fx.Proxy):
             return getattr(v, k)  # concrete, or the AttributeError the real object raises
         return ValueAttribute(self, k)
 
+    def _concrete(self, construct: str) -> Any:
+        v = self.value
+        if isinstance(v, (torch.Tensor, int, float, complex)) and not isinstance(v, bool):
+            # The answer depends on tensor *data*: baking in the example's answer would be
+            # silently wrong for other inputs.
+            raise DataDependentError(construct)
+        return v
+
     def __bool__(self) -> bool:
-        return bool(self.value)
+        return bool(self._concrete("bool() of a tensor value (a data-dependent if/while/and/or/assert)"))
 
     def __len__(self) -> int:
         return len(self.value)
 
     def __int__(self) -> int:
-        return int(self.value)
+        return int(self._concrete("int() of a tensor value"))
 
     def __float__(self) -> float:
-        return float(self.value)
+        return float(self._concrete("float() of a tensor value"))
 
     def __index__(self) -> int:
-        return operator.index(self.value)
+        return operator.index(self._concrete("a tensor value used as an index or size"))
 
     def __contains__(self, item: Any) -> bool:
         return item in self.value
 
     def keys(self) -> Any:  # type: ignore[override]
         return self.value.keys()
+
+    # In-place operators stay in place (plain fx would rebind to an out-of-place op,
+    # which changes aliasing semantics); they are recorded as operator.i* nodes.
+    def __iadd__(self, o: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, o), {})
+
+    def __isub__(self, o: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.isub, (self, o), {})
+
+    def __imul__(self, o: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.imul, (self, o), {})
+
+    def __itruediv__(self, o: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, o), {})
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, k, v), {})
 
     def __iter__(self) -> Iterator[Any]:
         v = self.value
@@ -293,6 +322,31 @@ def _user_frame(tb: Any) -> tuple[str, int, str] | None:
     return found
 
 
+_INPLACE_FUNCTIONS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem,
+}
+
+
+def _refuse_inplace_on_blocks(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """Glue that mutates a block's output in place would corrupt the cached value."""
+    for n in gm.graph.nodes:
+        inplace = (n.op == "call_function" and n.target in _INPLACE_FUNCTIONS) or (
+            n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
+        )
+        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        src = n.args[0]
+        while src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[0], fx.Node):
+            src = src.args[0]
+        if "maskc_block" in src.meta:
+            raise CaptureError(
+                f"cannot capture {type(model).__name__}: `{n.format_node()}` mutates the output of block "
+                f"{src.meta['maskc_block']!r} in place, which would corrupt its cached value. "
+                "Make that op part of the block (choose a larger block) or leave this block out."
+            )
+
+
 def capture(model: torch.nn.Module, blocks: list[str], args: tuple = (), kwargs: dict | None = None) -> Capture:
     """Trace ``model(*args, **kwargs)`` into a GraphModule with ``blocks`` as single nodes."""
     kwargs = kwargs or {}
@@ -329,8 +383,9 @@ def capture(model: torch.nn.Module, blocks: list[str], args: tuple = (), kwargs:
     except Exception as e:  # noqa: BLE001 - rewrapped with the construct and the line
         where = _user_frame(e.__traceback__)
         loc = f" at {where[0]}:{where[1]}: `{where[2]}`" if where else ""
+        what = f"{e}" if isinstance(e, DataDependentError) else f"{type(e).__name__}: {e}"
         raise CaptureError(
-            f"cannot capture {type(model).__name__}{loc}: {type(e).__name__}: {e}. "
+            f"cannot capture {type(model).__name__}{loc}: {what}. "
             "maskc traces the forward with real example values; a construct it cannot follow "
             "must be inside a block. Pass blocks=[...] (or maskc.blocks(model, types=...)) so that "
             "the offending module is a block, or report the construct."
@@ -345,6 +400,7 @@ def capture(model: torch.nn.Module, blocks: list[str], args: tuple = (), kwargs:
                 "(a module called through .forward() or reused is not a block). Choose other blocks."
             )
     gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Captured")
+    _refuse_inplace_on_blocks(gm, model)
     block_nodes = {n.meta["maskc_block"]: n.name for n in gm.graph.nodes if "maskc_block" in n.meta}
     return Capture(
         gm=gm,

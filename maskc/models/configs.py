@@ -1,0 +1,35 @@
+"""Backbone configurations the project uses (no weights: hubs are unreachable here)."""
+from __future__ import annotations
+
+# google/ddpm-cifar10-32, the UNet2DModel of DDPM on CIFAR-10 (35.7M parameters).
+DDPM_CIFAR10: dict = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (128, 256, 256, 256),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 0,
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+}
+
+
+def ddpm_cifar10(width: int = 128, in_channels: int = 3, **overrides) -> dict:
+    """The DDPM-CIFAR10 topology at another base width (``width=128`` is the original)."""
+    cfg = dict(DDPM_CIFAR10)
+    cfg["block_out_channels"] = (width, 2 * width, 2 * width, 2 * width)
+    cfg["norm_num_groups"] = min(32, width // 4)
+    cfg["in_channels"] = cfg["out_channels"] = in_channels
+    cfg.update(overrides)
+    return cfg

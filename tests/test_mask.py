@@ -1,0 +1,70 @@
+"""Mask construction and its JSON file format."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import maskc
+from maskc.models.dit import DiT
+
+
+@given(st.integers(1, 12), st.integers(1, 9), st.data())
+def test_roundtrip(tmp_path_factory, steps, blocks, data) -> None:
+    bits = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=blocks, max_size=blocks), min_size=steps, max_size=steps)))
+    names = [f"b.{i}" for i in range(blocks)]
+    m = maskc.Mask(bits, names, meta={"provenance": {"made_by": "test"}, "timesteps": list(range(steps))})
+    p = tmp_path_factory.mktemp("m") / "mask.json"
+    m.save(p)
+    back = maskc.Mask.load(p)
+    assert back == m and back.meta == m.meta and back.steps == steps
+
+
+def test_numpy_and_ints_accepted() -> None:
+    m = maskc.Mask(np.array([[1, 0], [1, 1]]), ["a", "b"])
+    assert m.bits.dtype == torch.bool and m.bits.tolist() == [[True, False], [True, True]]
+
+
+@pytest.mark.parametrize(
+    "bits, names, match",
+    [
+        (torch.ones(2, 3), ["a", "b"], "3 columns"),
+        (torch.ones(2), ["a", "b"], r"shape \[T, B\]"),
+        (torch.full((2, 2), 0.5), ["a", "b"], "0/1"),
+        (torch.ones(2, 2), ["a", "a"], "unique"),
+    ],
+)
+def test_bad_bits(bits, names, match) -> None:
+    with pytest.raises(maskc.MaskShapeError, match=match):
+        maskc.Mask(bits, names)
+
+
+def test_truncated_and_corrupt_files(tmp_path) -> None:
+    m = maskc.Mask.full(3, ["a", "b"])
+    p = tmp_path / "m.json"
+    m.save(p)
+    text = p.read_text()
+    p.write_text(text[: len(text) // 2])
+    with pytest.raises(maskc.MaskFileError, match="truncated"):
+        maskc.Mask.load(p)
+    d = json.loads(text)
+    d["bits"][1] = "1"
+    p.write_text(json.dumps(d))
+    with pytest.raises(maskc.MaskFileError, match="2 characters"):
+        maskc.Mask.load(p)
+    p.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(maskc.MaskFileError, match="not a maskc mask"):
+        maskc.Mask.load(p)
+
+
+def test_fingerprint_checks_model() -> None:
+    a = DiT(input_size=4, hidden_size=16, depth=1, num_heads=2)
+    b = DiT(input_size=4, hidden_size=32, depth=1, num_heads=2)
+    m = maskc.Mask.full(2, maskc.blocks(a)).for_model(a)
+    m.check(a)
+    with pytest.raises(maskc.MaskMismatchError, match="fingerprint"):
+        m.check(b)
