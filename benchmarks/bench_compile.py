@@ -3,7 +3,9 @@
 Measures, on this machine:
 - capture + rewrite time of ``maskc.compile`` (full mask and random masks, T = 20 and 100);
 - wall time of whole DDIM generations, original model and ``maskc.compile`` with an
-  all-ones mask interleaved (A B A B ...), median and spread, and their ratio;
+  all-ones mask interleaved, median and spread, and their ratio. Pairs alternate their
+  order (A B, B A, ...): on this machine a fixed A-then-B order made the second run
+  of each pair ~3% slower, whichever it was;
 - the same for random masks, with the MACs fraction from FlopCounterMode.
 
 Weights are random (seed 0): timing and FLOPs do not depend on them.
@@ -49,6 +51,24 @@ def generation(fn, x0: torch.Tensor, sched: DDIMScheduler, reset=None) -> float:
     return time.perf_counter() - t0
 
 
+def step_pairs(model, tm, x0, sched, n: int) -> tuple[list[float], list[float]]:
+    """Single steps, original and maskc alternating, cycling through the DDIM timesteps."""
+    ts = list(sched.timesteps)
+    orig, comp = [], []
+    tm.reset()
+    with torch.no_grad():
+        for k in range(n):
+            t = ts[k % len(ts)]
+            if tm.step == len(tm):
+                tm.reset()
+            for which in ((0, 1) if k % 2 == 0 else (1, 0)):  # A B, then B A: no order bias
+                t0 = time.perf_counter()
+                (model if which == 0 else tm)(x0, t)
+                (orig if which == 0 else comp).append(time.perf_counter() - t0)
+    tm.reset()
+    return orig, comp
+
+
 def flops_fraction(model, tm, x0, sched) -> float:
     tot_full = tot_masked = 0
     tm.reset()
@@ -70,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--step-pairs", type=int, default=60)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -120,10 +141,21 @@ def main() -> None:
             generation(model, x0, sched)  # warm-up both
             generation(tm, x0, sched, tm.reset)
             orig, comp = [], []
-            for _ in range(a.reps):
-                orig.append(generation(model, x0, sched))
-                comp.append(generation(tm, x0, sched, tm.reset))
+            for k in range(a.reps):
+                for which in ((0, 1) if k % 2 == 0 else (1, 0)):  # A B, then B A: no order bias
+                    if which == 0:
+                        orig.append(generation(model, x0, sched))
+                    else:
+                        comp.append(generation(tm, x0, sched, tm.reset))
+            so, sc = step_pairs(model, tm, x0, sched, a.step_pairs)
             row = {
+                "step_pairs": {
+                    "n": a.step_pairs,
+                    "original_ms_median": 1e3 * statistics.median(so),
+                    "maskc_ms_median": 1e3 * statistics.median(sc),
+                    "ratio_of_medians": statistics.median(sc) / statistics.median(so),
+                    "median_pair_ratio": statistics.median([c / o for c, o in zip(sc, so)]),
+                },
                 "batch": batch,
                 "mask": label,
                 "flops_fraction": frac,
@@ -134,7 +166,8 @@ def main() -> None:
             }
             res["generations"].append(row)
             print(f"batch {batch} {label}: original {row['original_s']['median']:.3f} s, maskc {row['maskc_s']['median']:.3f} s, "
-                  f"ratio {row['ratio_maskc_over_original']:.4f}, FLOPs {frac:.3f}")
+                  f"ratio {row['ratio_maskc_over_original']:.4f}, FLOPs {frac:.3f}; per step "
+                  f"{row['step_pairs']['original_ms_median']:.1f} ms vs {row['step_pairs']['maskc_ms_median']:.1f} ms")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "compile_overhead.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -156,7 +189,7 @@ def main() -> None:
         lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |")
     lines += [
         "",
-        f"## Whole generations, original and maskc interleaved, {a.reps} pairs",
+        f"## Whole generations, original and maskc interleaved (A B B A ...), {a.reps} pairs",
         "",
         "| batch | mask | FLOPs vs original | original median s (min-max) | maskc median s (min-max) | maskc / original |",
         "| ---: | --- | ---: | --- | --- | ---: |",
@@ -166,6 +199,19 @@ def main() -> None:
         lines.append(
             f"| {r['batch']} | {r['mask']} | {r['flops_fraction']:.3f} | {o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | "
             f"{c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f}) | {r['ratio_maskc_over_original']:.4f} |"
+        )
+    lines += [
+        "",
+        f"## Single steps, original and maskc interleaved (A B B A ...), {a.step_pairs} pairs",
+        "",
+        "| batch | mask | original median ms | maskc median ms | ratio of medians | median of pair ratios |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["generations"]:
+        s = r["step_pairs"]
+        lines.append(
+            f"| {r['batch']} | {r['mask']} | {s['original_ms_median']:.1f} | {s['maskc_ms_median']:.1f} | "
+            f"{s['ratio_of_medians']:.4f} | {s['median_pair_ratio']:.4f} |"
         )
     lines += ["", "`full` runs every block at every step: its ratio is maskc's runtime overhead. "
               "`random50` keeps each block with probability 0.5 (row 0 all ones): a sanity check that skipped "
