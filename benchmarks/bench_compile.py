@@ -4,8 +4,8 @@ Measures, on this machine:
 - capture + rewrite time of ``maskc.compile`` (full mask and random masks, T = 20 and 100);
 - wall time of whole DDIM generations, original model and ``maskc.compile`` with an
   all-ones mask interleaved, median and spread, and their ratio. Pairs alternate their
-  order (A B, B A, ...): on this machine a fixed A-then-B order made the second run
-  of each pair ~3% slower, whichever it was;
+  order (A B, B A, ...): on this machine a fixed A-then-B order gave maskc, always
+  second, a ~3% penalty that a B-then-A check did not show;
 - the same for random masks, with the MACs fraction from FlopCounterMode.
 
 Weights are random (seed 0): timing and FLOPs do not depend on them.

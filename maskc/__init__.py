@@ -19,6 +19,7 @@ from maskc.errors import (
     MaskShapeError,
     StepOverflowError,
 )
+from maskc.graphs import RULES, block_graph, rectify
 from maskc.mask import Mask
 from maskc.runtime import TimestepModules, compile
 
@@ -54,6 +55,9 @@ __all__ = [
     "EmptyCacheError",
     "InputChangedError",
     "Mask",
+    "RULES",
+    "block_graph",
+    "rectify",
     "MaskFileError",
     "MaskMismatchError",
     "MaskShapeError",

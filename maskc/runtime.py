@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from maskc.errors import InputChangedError, MaskcError, StepOverflowError
 from maskc.mask import Mask
 from maskc.passes.capture import Capture, capture, flatten_inputs, guard_key
-from maskc.passes.schedule import Schedule, check_reads_filled, schedule
+from maskc.passes.schedule import Schedule, cache_timeline, check_reads_filled, schedule
 
 __all__ = ["TimestepModules", "compile"]
 
@@ -149,6 +149,27 @@ class TimestepModules(torch.nn.Module):
             cache.pop(b, None)
         self._step = i + 1
         return pytree.tree_unflatten(list(out[:n]), plan.capture.out_spec)
+
+    def cache_report(self) -> dict[str, Any]:
+        """Cache bytes held during each step (this mask's liveness) against caching every block.
+
+        ``all_blocks_bytes`` is what a cache keeping every block's latest output holds
+        (DeepCache's approach) once every block has run.
+        """
+        self[0]
+        assert self._plan is not None
+        nbytes = {
+            n.meta["maskc_block"]: int(n.meta.get("maskc_out_bytes", 0))
+            for n in self._plan.capture.gm.graph.nodes
+            if "maskc_block" in n.meta
+        }
+        per_step = cache_timeline(self._plan.schedule, nbytes)
+        return {
+            "per_step_bytes": per_step,
+            "peak_bytes": max(per_step) if per_step else 0,
+            "all_blocks_bytes": sum(nbytes.values()),
+            "block_bytes": nbytes,
+        }
 
     def cache_entries(self) -> list[str]:
         """Blocks whose value the cache holds right now."""

@@ -234,6 +234,9 @@ class ValueTracer(fx.Tracer):
         p.__dict__["value"] = value
         if kind == "call_module" and target in self.blocks:
             p.node.meta["maskc_block"] = target
+            tensors = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+            p.node.meta["maskc_out_shapes"] = [tuple(v.shape) for v in tensors]
+            p.node.meta["maskc_out_bytes"] = sum(v.numel() * v.element_size() for v in tensors)
         return p
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]

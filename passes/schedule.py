@@ -99,3 +99,16 @@ def schedule(capture, bits: torch.Tensor, names: list[str]) -> Schedule:
         alive -= len(drops[i])
     drop_after = [tuple(sorted(d, key=order.index)) for d in drops]
     return Schedule(steps=[s for s in steps if s is not None], drop_after=drop_after, peak_entries=peak)
+
+
+def cache_timeline(sched: Schedule, nbytes: dict[str, int]) -> list[int]:
+    """Bytes the cache holds during each step: entries alive before it plus its writes."""
+    held: dict[str, int] = {}
+    during: list[int] = []
+    for i, sg in enumerate(sched.steps):
+        for b in sg.writes:
+            held[b] = nbytes.get(b, 0)
+        during.append(sum(held.values()))
+        for b in sched.drop_after[i]:
+            held.pop(b, None)
+    return during

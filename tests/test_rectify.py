@@ -1,0 +1,135 @@
+"""Block graph and exact rectification: dependencies, liveness over steps, the live-set cache."""
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+from diffusers import UNet2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import maskc
+from archs import FAMILIES, randomize
+from maskc.models.dit import DiT
+from reference import HookReference
+from test_equivalence import leaves_equal, trajectory
+
+
+def small_unet() -> UNet2DModel:
+    m = UNet2DModel(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    return randomize(m, 0)
+
+
+def test_unet_graph_has_skip_connections() -> None:
+    m = small_unet()
+    g = maskc.block_graph(m)
+    assert nx.is_directed_acyclic_graph(g)
+    # down_blocks.0.resnets.0's output is a skip input of the last up block
+    assert g.has_edge("down_blocks.0.resnets.0", "up_blocks.1.resnets.0")
+    assert g.has_edge("down_blocks.1.attentions.0", "up_blocks.0.resnets.0")
+    assert g.has_edge("input", "up_blocks.1.resnets.1")  # conv_in's output, through glue
+    assert g.has_edge("up_blocks.1.resnets.1", "output")
+    a = g.nodes["down_blocks.0.resnets.0"]
+    assert a["type"] == "ResnetBlock2D" and a["shapes"] == [(1, 8, 8, 8)] and a["bytes"] == 8 * 8 * 8 * 4
+    assert a["macs"] > 0 and g.graph["total_macs"] > sum(g.nodes[n].get("macs", 0) for n in g if n not in ("input", "output"))
+
+
+def test_dit_residuals_are_edges() -> None:
+    m = randomize(DiT(input_size=4, hidden_size=16, depth=2, num_heads=2), 0)
+    g = maskc.block_graph(m)
+    for u, v in [("blocks.0.attn", "blocks.0.mlp"), ("blocks.0.attn", "blocks.1.attn"), ("blocks.0.mlp", "blocks.1.attn"),
+                 ("blocks.0.attn", "output"), ("input", "blocks.1.mlp")]:
+        assert g.has_edge(u, v), (u, v)
+
+
+def test_constructed_unet_case_turns_off_down_and_mid() -> None:
+    m = small_unet()
+    names = maskc.blocks(m)
+    g = maskc.block_graph(m)
+    T = 6
+    bits = torch.ones(T, len(names), dtype=torch.bool)
+    up = [j for j, n in enumerate(names) if n.startswith("up_blocks.")]
+    bits[1::2, up] = False
+    r = maskc.rectify(maskc.Mask(bits, names), g)
+    for i in range(1, T, 2):
+        for j, n in enumerate(names):
+            assert bool(r.bits[i, j]) == False, (i, n)  # noqa: E712
+    for i in range(0, T, 2):
+        assert bool(r.bits[i].all())
+    assert all(c.turned == "off" and c.rule == "dead" for c in r.changes)
+    # and the compiled runtime agrees: at odd steps nothing runs but glue
+    tm = maskc.compile(m, maskc.Mask(bits, names), example_args=(torch.randn(1, 2, 8, 8), torch.tensor(1)))
+    assert tm.step_graph(1).runs == ()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@given(data=st.data())
+@settings(max_examples=6)
+def test_exact_rectify_preserves_outputs(family: str, data) -> None:
+    case = data.draw(FAMILIES[family](), label="case")
+    names = maskc.blocks(case.model)
+    steps = data.draw(st.integers(2, 6), label="steps")
+    bits = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=len(names), max_size=len(names)), min_size=steps, max_size=steps)),
+        dtype=torch.bool,
+    ).reshape(steps, len(names))
+    args, kwargs = case.inputs(torch.zeros(case.shape), torch.tensor(1))
+    g = maskc.block_graph(case.model, *args, **kwargs)
+    r = maskc.rectify(maskc.Mask(bits, names), g)
+    fixed = bits.clone()
+    fixed[0] |= ~bits[0] & ~bits.all(0)
+    # never turns on, except row 0 to fill an empty cache
+    on = r.bits & ~bits
+    assert not on[1:].any()
+    assert torch.equal(on[0], fixed[0] & ~bits[0])
+    assert {(c.step, c.block) for c in r.changes if c.turned == "on"} == {(0, names[j]) for j in on[0].nonzero().flatten().tolist()}
+    assert all(c.rule == "empty-cache" for c in r.changes if c.turned == "on")
+    # idempotent
+    again = maskc.rectify(r, g)
+    assert torch.equal(again.bits, r.bits) and again.changes == []
+    # outputs unchanged: compiled rectified mask vs the hook reference of the (fixed) original
+    ref = HookReference(case.model, fixed, names)
+    try:
+        expected = [o for _, o in trajectory(case, ref, steps)]
+    finally:
+        ref.close()
+    tm = maskc.compile(case.model, r)
+    for i, (_, out) in enumerate(trajectory(case, tm, steps)):
+        assert leaves_equal(out, expected[i]), f"step {i}"
+
+
+def test_heuristic_rules_only_turn_off() -> None:
+    m = small_unet()
+    names = maskc.blocks(m)
+    g = maskc.block_graph(m)
+    bits = torch.ones(5, len(names), dtype=torch.bool)
+    j = names.index("up_blocks.0.resnets.0")
+    bits[[1, 3], j] = False  # step 2 is an isolated run of block j
+    stage = [k for k, n in enumerate(names) if n.startswith("up_blocks.1.")]
+    bits[2, stage[:-1]] = False  # one block of up_blocks.1 left running at step 2
+    r = maskc.rectify(maskc.Mask(bits, names), g, exact=False)
+    rules = {(c.step, c.block): c.rule for c in r.changes}
+    assert rules[(2, names[j])] == "isolated-run"
+    assert rules[(2, names[stage[-1]])] == "stage-skipped"
+    assert not (r.bits & ~bits).any()
+    with pytest.raises(maskc.MaskcError, match="unknown"):
+        maskc.rectify(maskc.Mask(bits, names), g, exact=False, rules=("nope",))
+
+
+def test_cache_report_below_caching_every_block() -> None:
+    m = small_unet()
+    names = maskc.blocks(m)
+    T = 8
+    bits = torch.ones(T, len(names), dtype=torch.bool)
+    deep = [j for j, n in enumerate(names) if not n.startswith(("down_blocks.0.", "up_blocks.1."))]
+    bits[1::2, deep] = False  # DeepCache-like
+    tm = maskc.compile(m, maskc.Mask(bits, names), example_args=(torch.randn(1, 2, 8, 8), torch.tensor(1)))
+    rep = tm.cache_report()
+    assert len(rep["per_step_bytes"]) == T
+    assert 0 < rep["peak_bytes"] < rep["all_blocks_bytes"]
+    # only the deepest block that feeds the shallow up-block is held: its output, not every block's
+    assert rep["peak_bytes"] == sum(rep["block_bytes"][b] for b in tm.step_graph(1).reads)
