@@ -99,8 +99,10 @@ def _stage(name: str) -> str:
 def heuristic_bits(bits: torch.Tensor, names: list[str], rules: tuple[str, ...]) -> tuple[torch.Tensor, list[Change]]:
     """Opt-in rules beyond liveness (they change outputs); each turns runs off, never on.
 
-    - ``isolated-run``: a run between two skips of the same block is skipped too: the mask
-      judged the block stable on both sides.
+    - ``isolated-run``: a run isolated in time and depth (the block is skipped at the steps
+      before and after, and its neighbours in execution order are skipped at this step) is
+      skipped too: the mask judged everything around it stable. Isolation in time alone is
+      not enough: it would erase every full step of a periodic (DeepCache) schedule.
     - ``stage-skipped``: if every other block of a stage is skipped at a step, the last one
       is skipped as well: blocks of one stage change together.
     """
@@ -114,9 +116,12 @@ def heuristic_bits(bits: torch.Tensor, names: list[str], rules: tuple[str, ...])
     changes: list[Change] = []
     ran_before = torch.cumsum(bits.to(torch.int64), dim=0) - bits.to(torch.int64) > 0
     if "isolated-run" in rules:
+        orig = bits.clone()
         for i in range(1, T - 1):
             for j in range(B):
-                if bits[i, j] and not bits[i - 1, j] and not bits[i + 1, j] and ran_before[i, j]:
+                alone_in_time = bool(orig[i, j]) and not orig[i - 1, j] and not orig[i + 1, j]
+                alone_in_depth = not any(bool(orig[i, k]) for k in (j - 1, j + 1) if 0 <= k < B)
+                if alone_in_time and alone_in_depth and ran_before[i, j]:
                     bits[i, j] = False
                     changes.append(Change(i, names[j], "off", "isolated-run", RULES["isolated-run"]))
     if "stage-skipped" in rules:
@@ -133,6 +138,6 @@ def heuristic_bits(bits: torch.Tensor, names: list[str], rules: tuple[str, ...])
 
 
 RULES = {
-    "isolated-run": "a lone run between two skips: the block was judged stable on both sides",
+    "isolated-run": "a lone run in time and depth: the block was judged stable all around it",
     "stage-skipped": "every other block of its stage is skipped: blocks of a stage change together",
 }

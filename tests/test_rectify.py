@@ -107,13 +107,17 @@ def test_heuristic_rules_only_turn_off() -> None:
     names = maskc.blocks(m)
     g = maskc.block_graph(m)
     bits = torch.ones(5, len(names), dtype=torch.bool)
-    j = names.index("up_blocks.0.resnets.0")
-    bits[[1, 3], j] = False  # step 2 is an isolated run of block j
+    j = names.index("mid_block.attentions.0")
+    bits[[1, 3], j] = False  # step 2: a run between two skips ...
+    bits[2, [j - 1, j + 1]] = False  # ... with both neighbours skipped: isolated
+    k = names.index("up_blocks.0.resnets.1")
+    bits[[1, 3], k] = False  # between two skips too, but its neighbours run: kept
     stage = [k for k, n in enumerate(names) if n.startswith("up_blocks.1.")]
     bits[2, stage[:-1]] = False  # one block of up_blocks.1 left running at step 2
     r = maskc.rectify(maskc.Mask(bits, names), g, exact=False)
     rules = {(c.step, c.block): c.rule for c in r.changes}
     assert rules[(2, names[j])] == "isolated-run"
+    assert (2, names[k]) not in rules
     assert rules[(2, names[stage[-1]])] == "stage-skipped"
     assert not (r.bits & ~bits).any()
     with pytest.raises(maskc.MaskcError, match="unknown"):
