@@ -42,11 +42,22 @@ def blocks(
     from maskc.passes.blocks import example_inputs, execution_order, select_blocks
 
     chosen = select_blocks(model, types=types, names=names)
-    if example is None:
+    if example is not None:
+        return execution_order(model, chosen, *example)
+    try:
         example = example_inputs(model)
-    if example is None:
+        if example is None:
+            return chosen
+        return execution_order(model, chosen, *example)
+    except Exception as e:  # noqa: BLE001 - the built example may not fit an unusual config
+        import warnings
+
+        warnings.warn(
+            f"maskc.blocks: could not run a built example through {type(model).__name__} ({type(e).__name__}: {e}); "
+            "returning blocks in named_modules order. Pass example=(args, kwargs) for execution order.",
+            stacklevel=2,
+        )
         return chosen
-    return execution_order(model, chosen, *example)
 
 
 __all__ = [

@@ -67,7 +67,19 @@ def _ex_unet2dcond(m: Any) -> tuple[tuple, dict]:
     c = m.config
     d = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
     ehs = torch.zeros(1, 4, d, dtype=m.dtype, device=m.device)
-    return (_sample(m, c.in_channels, c.sample_size or 32), torch.tensor([1], device=m.device), ehs), {}
+    kw: dict[str, Any] = {}
+    if getattr(m, "class_embedding", None) is not None:
+        if c.class_embed_type == "projection":
+            kw["class_labels"] = torch.zeros(1, c.projection_class_embeddings_input_dim, dtype=m.dtype, device=m.device)
+        else:
+            kw["class_labels"] = torch.zeros(1, dtype=torch.long, device=m.device)
+    if c.addition_embed_type == "text_time":
+        n_time = (c.projection_class_embeddings_input_dim - d) // c.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(1, d, dtype=m.dtype, device=m.device),
+            "time_ids": torch.zeros(1, max(n_time, 1), dtype=m.dtype, device=m.device),
+        }
+    return (_sample(m, c.in_channels, c.sample_size or 32), torch.tensor([1], device=m.device), ehs), kw
 
 
 def _ex_dit(m: Any) -> tuple[tuple, dict]:
