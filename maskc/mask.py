@@ -130,16 +130,31 @@ class Mask:
             raise MaskFileError(f"{source}: every row of 'bits' must have {len(names)} characters, one per block")
         bits = torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool).reshape(len(rows), len(names))
         meta = {k: d[k] for k in ("backbone", "fingerprint", "scheduler", "timesteps", "provenance") if k in d}
-        return cls(bits, names, meta)
+        for k in ("backbone", "fingerprint", "scheduler"):
+            if k in meta and not isinstance(meta[k], str):
+                raise MaskFileError(f"{source}: {k!r} must be a string, got {type(meta[k]).__name__}")
+        ts = meta.get("timesteps")
+        if ts is not None and (
+            not isinstance(ts, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts)
+        ):
+            raise MaskFileError(f"{source}: 'timesteps' must be a list of numbers")
+        if "provenance" in meta and not isinstance(meta["provenance"], dict):
+            raise MaskFileError(f"{source}: 'provenance' must be a JSON object")
+        try:
+            return cls(bits, names, meta)
+        except MaskShapeError as e:
+            raise MaskFileError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mask":
         """Read a mask file; a corrupt or truncated file raises MaskFileError."""
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MaskFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise MaskFileError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
+        except OSError as e:
+            raise MaskFileError(f"cannot read mask file {path}: {e}") from None
         return cls.from_dict(d, source=str(path))
 
     def for_model(self, model: torch.nn.Module) -> "Mask":

@@ -37,6 +37,35 @@ class _Plan:
                 compiled[id(sg)] = fn
             self.callables.append(fn)
 
+    def step(self, i: int) -> tuple[Any, Callable]:
+        return self.schedule.steps[i], self.callables[i]
+
+
+class _StepPlan:
+    """One step of a generation whose Python-number arguments (e.g. the timestep) changed.
+
+    The step is traced anew and rewritten with the generation's schedule (same skips,
+    same writes), so the cache stays consistent; its reads must come out the same.
+    """
+
+    def __init__(self, cap: Capture, base: _Plan, i: int, skip: tuple[str, ...], backend: str | Callable) -> None:
+        from maskc.passes.rewrite import rewrite_step
+
+        base_sg = base.schedule.steps[i]
+        sg = rewrite_step(cap.gm, cap.block_nodes, skip, base_sg.writes)
+        if sg.reads != base_sg.reads:
+            raise InputChangedError(
+                f"a non-tensor argument changed at step {i} and changed which cached values the step reads; "
+                "keep non-tensor arguments fixed within a generation (pass the timestep as a tensor)"
+            )
+        self.capture = cap
+        self.schedule = base.schedule
+        self._sg = sg
+        self._fn = sg.gm if backend == "eager" else torch.compile(sg.gm, backend=backend, dynamic=False)
+
+    def step(self, i: int) -> tuple[Any, Callable]:
+        return self._sg, self._fn
+
 
 class TimestepModules(torch.nn.Module):
     """T step-specialized modules of one backbone, called in order like the backbone itself."""
@@ -60,7 +89,9 @@ class TimestepModules(torch.nn.Module):
         self.backend = backend
         self.max_traces = max_traces
         self._plans: dict[Any, _Plan] = {}  # guard -> plan, most recent last
-        self._plan: _Plan | None = None
+        self._plan: _Plan | None = None  # the plan of the current generation (set at step 0)
+        self._step_plans: dict[tuple[Any, int], _StepPlan] = {}
+        self._warned_numbers = False
         self._signature = None
         self._step = 0
         self._cache: dict[str, Any] = {}
@@ -97,7 +128,7 @@ class TimestepModules(torch.nn.Module):
         self._cache.clear()
 
     # -- tracing -----------------------------------------------------------------
-    def _ensure_plan(self, args: tuple, kwargs: dict) -> tuple[_Plan, list[Any]]:
+    def _ensure_plan(self, args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
         if self._signature is None:
             import inspect
 
@@ -106,6 +137,10 @@ class TimestepModules(torch.nn.Module):
         leaves, spec = flatten_inputs(self._signature, args, kwargs)
         key = guard_key(leaves, spec)
         plan = self._plans.get(key)
+        if self._step != 0 and plan is not self._plan:
+            assert self._plan is not None
+            if _only_numbers_differ(self._plan.capture.guard, key):
+                return self._step_plan(key, args, kwargs), leaves
         if plan is None:
             if self._step != 0:
                 assert self._plan is not None
@@ -128,6 +163,29 @@ class TimestepModules(torch.nn.Module):
         self._plan = plan
         return plan, leaves
 
+    def _step_plan(self, key: Any, args: tuple, kwargs: dict) -> _StepPlan:
+        i = self._step
+        sp = self._step_plans.get((key, i))
+        if sp is None:
+            if not self._warned_numbers:
+                import warnings
+
+                warnings.warn(
+                    "a Python-number argument (such as a timestep given as an int) changed within a generation: "
+                    "maskc traces the model again for each such step, which costs about one extra forward. "
+                    "Pass the timestep as a tensor, as diffusers pipelines do.",
+                    stacklevel=4,
+                )
+                self._warned_numbers = True
+            assert self._plan is not None
+            cap = capture(self.model, self.mask.names, args, kwargs)
+            skip = tuple(b for b, on in zip(self.mask.names, self.mask.bits[i].tolist()) if not on)
+            sp = _StepPlan(cap, self._plan, i, skip, self.backend)
+            self._step_plans[(key, i)] = sp
+            while len(self._step_plans) > 2 * self.mask.steps:
+                self._step_plans.pop(next(iter(self._step_plans)))
+        return sp
+
     # -- the call ----------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         i = self._step
@@ -137,10 +195,10 @@ class TimestepModules(torch.nn.Module):
                 "call reset() before each new generation, or use a mask with as many rows as model evaluations"
             )
         plan, leaves = self._ensure_plan(args, kwargs)
-        sg = plan.schedule.steps[i]
+        sg, fn = plan.step(i)
         tensors = [leaves[j] for j in plan.capture.tensor_leaf_index]
         cache = self._cache
-        out = plan.callables[i](*tensors, *[cache[b] for b in sg.reads])
+        out = fn(*tensors, *[cache[b] for b in sg.reads])
         n = sg.n_outputs
         for b, v in zip(sg.writes, out[n:]):
             cache[b] = v
@@ -174,6 +232,18 @@ class TimestepModules(torch.nn.Module):
     def cache_entries(self) -> list[str]:
         """Blocks whose value the cache holds right now."""
         return list(self._cache)
+
+
+def _only_numbers_differ(old: Any, new: Any) -> bool:
+    """Same structure and tensors; only Python int/float arguments differ."""
+    if old[0] != new[0] or len(old[1]) != len(new[1]):
+        return False
+    for a, b in zip(old[1], new[1]):
+        if a == b:
+            continue
+        if not (a[0] == b[0] == "C" and a[1] == b[1] and a[1] in ("int", "float")):
+            return False
+    return True
 
 
 def _describe_change(old: Any, new: Any) -> str:

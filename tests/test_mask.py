@@ -68,3 +68,43 @@ def test_fingerprint_checks_model() -> None:
     m.check(a)
     with pytest.raises(maskc.MaskMismatchError, match="fingerprint"):
         m.check(b)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(
+    base=st.fixed_dictionaries({}, optional={
+        "format": st.sampled_from(["maskc.mask", "other"]) | json_values,
+        "version": st.sampled_from([1, 2]) | json_values,
+        "names": st.lists(st.sampled_from(["a", "b", "c"]), max_size=3) | json_values,
+        "bits": st.lists(st.text(alphabet="01x", max_size=4), max_size=3) | json_values,
+        "timesteps": json_values,
+        "scheduler": json_values,
+        "provenance": json_values,
+    }),
+    cut=st.integers(0, 400),
+)
+def test_fuzzed_files_load_or_raise_maskc_error(tmp_path_factory, base, cut) -> None:
+    p = tmp_path_factory.mktemp("f") / "m.json"
+    text = json.dumps(base)
+    for content in (text, text[:cut]):
+        p.write_text(content)
+        try:
+            m = maskc.Mask.load(p)
+        except maskc.MaskFileError:
+            continue
+        assert m.bits.shape == (len(base["bits"]), len(base["names"]))
+
+
+def test_bytes_garbage_and_missing_file(tmp_path) -> None:
+    p = tmp_path / "m.json"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(maskc.MaskFileError):
+        maskc.Mask.load(p)
+    with pytest.raises(maskc.MaskFileError, match="cannot read"):
+        maskc.Mask.load(tmp_path / "missing.json")

@@ -181,3 +181,26 @@ def test_blocks_in_execution_order() -> None:
     prefixes = [n.split(".")[0] for n in names]
     assert prefixes.index("mid_block") < prefixes.index("up_blocks")  # not named_modules order
     assert prefixes == sorted(prefixes, key=["down_blocks", "mid_block", "up_blocks"].index)
+
+
+def test_python_number_timesteps_retrace_per_step(unet) -> None:
+    from reference import HookReference
+
+    names = maskc.blocks(unet)
+    bits = torch.ones(4, len(names), dtype=torch.bool)
+    bits[1:, 1::2] = False
+    ref = HookReference(unet, bits, names)
+    x = torch.randn(1, 2, 8, 8)
+    ts = [900, 600, 300, 1]
+    try:
+        expected = [ref(x + k, t).sample for k, t in enumerate(ts)]
+    finally:
+        ref.close()
+    tm = maskc.compile(unet, maskc.Mask(bits, names))
+    with pytest.warns(UserWarning, match="Python-number"), torch.no_grad():
+        got = [tm(x + k, t).sample for k, t in enumerate(ts)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    tm.reset()
+    with torch.no_grad():  # second generation: all steps already traced
+        again = [tm(x + k, t).sample for k, t in enumerate(ts)]
+    assert all(torch.equal(a, b) for a, b in zip(again, expected))
