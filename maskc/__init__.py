@@ -20,6 +20,7 @@ from maskc.errors import (
     StepOverflowError,
 )
 from maskc.graphs import RULES, block_graph, rectify
+from maskc.learn import LearnConfig, learn
 from maskc.mask import Mask
 from maskc.runtime import TimestepModules, compile
 
@@ -65,6 +66,7 @@ __all__ = [
     "CaptureError",
     "EmptyCacheError",
     "InputChangedError",
+    "LearnConfig",
     "Mask",
     "RULES",
     "block_graph",
@@ -77,4 +79,5 @@ __all__ = [
     "TimestepModules",
     "blocks",
     "compile",
+    "learn",
 ]

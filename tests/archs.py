@@ -37,8 +37,9 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             if p.dim() >= 2:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            else:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:  # norm scales stay near 1, everything else near 0; nothing kept from the init
+                base = torch.ones_like(p) if bool((p == 1).all()) else torch.zeros_like(p)
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 

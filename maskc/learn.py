@@ -1,0 +1,381 @@
+"""Mask learning: the paper's per-timestep optimization, with a MACs budget.
+
+For a frozen backbone and a scheduler, run the original sampler from Gaussian noise
+once (no data set needed). Then, for each step i >= 1 independently, learn a score
+s[i, b] in [0, 1] per block: the masked forward mixes each block's fresh output with
+the original model's output of that block at step i-1 (the cache), using a binary
+mask sampled from s (stochastic, straight-through gradient; Gumbel-Softmax as an
+option). The loss is
+
+    w[i] * fidelity(masked output, original output)
+    + lam * sum_b macs_b * s_b / sum_b macs_b     (L1 sparsity, MACs-weighted)
+    + beta * mean_b s_b (1 - s_b)                 (bimodal: pushes s to 0 or 1)
+
+where w[i] is the timestep-aware scaling from delta[i], the change of the original
+output between consecutive steps (sensitive steps keep fidelity), and lam follows
+dual ascent on the MACs budget across steps. Only one step's graph is
+back-propagated, so memory is flat in T. Row 0 always runs every block. Afterwards
+the scores are thresholded to bits, MACs are brought within the budget by flipping
+the least (most) certain runs, and the mask is rectified exactly.
+
+Invariants: deterministic for a given seed; a run with ``checkpoint_dir`` saves each
+finished step atomically and a rerun resumes with the same result.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from maskc.errors import MaskcError
+from maskc.mask import Mask, fingerprint
+
+__all__ = ["LearnConfig", "learn"]
+
+
+@dataclass
+class LearnConfig:
+    """Settings of ``maskc.learn`` (defaults follow the paper where it says)."""
+
+    target: float = 0.6  # fraction of the full model's MACs to keep over a generation
+    batch: int = 8  # samples in the trajectory used for learning
+    iters: int = 40  # optimizer iterations per step
+    lr: float = 0.1  # Adam on the score logits
+    init_logit: float = 3.0  # s starts near 1 (everything runs)
+    beta: float = 0.05  # bimodal regularizer weight
+    lam: float = 0.5  # initial sparsity weight
+    lam_lr: float = 2.0  # dual ascent rate on (expected MACs fraction - target)
+    sampling: str = "stochastic"  # or "gumbel"
+    gumbel_tau: float = 0.5
+    loss_scaling: bool = True  # timestep-aware fidelity weights from delta
+    rectify: bool = True
+    tolerance: float = 0.03  # final MACs within target +- tolerance
+
+    def validate(self) -> None:
+        if not 0.0 < self.target <= 1.0:
+            raise MaskcError(f"target must be in (0, 1], the fraction of MACs to keep; got {self.target}")
+        if self.sampling not in ("stochastic", "gumbel"):
+            raise MaskcError(f"sampling must be 'stochastic' or 'gumbel', got {self.sampling!r}")
+        if self.batch < 1 or self.iters < 1:
+            raise MaskcError("batch and iters must be positive")
+
+
+def _timestep_kw(model: torch.nn.Module) -> str:
+    params = inspect.signature(type(model).forward).parameters
+    for k in ("timestep", "timesteps", "t"):
+        if k in params:
+            return k
+    raise MaskcError(
+        f"cannot tell which argument of {type(model).__name__}.forward is the timestep "
+        "(expected one named timestep, timesteps or t)"
+    )
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise MaskcError("the model returned no tensor")
+
+
+class _Mixer:
+    """Forward hooks, owned and removed by learn(): record block outputs, or mix them with a cache."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
+        mods = dict(model.named_modules())
+        self.names = list(names)
+        self.mode = "off"
+        self.record: dict[str, Any] = {}
+        self.cache: dict[str, Any] = {}
+        self.m: torch.Tensor | None = None
+        self.handles = [mods[n].register_forward_hook(self._hook(j, n)) for j, n in enumerate(self.names)]
+
+    def _hook(self, j: int, name: str) -> Callable:
+        def hook(_mod: Any, _a: Any, out: Any) -> Any:
+            if self.mode == "record":
+                self.record[name] = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+                return None
+            if self.mode == "mix":
+                assert self.m is not None
+                mj = self.m[j]
+                return pytree.tree_map(
+                    lambda o, c: mj * o + (1 - mj) * c if isinstance(o, torch.Tensor) else o, out, self.cache[name]
+                )
+            return None
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def learn(
+    model: torch.nn.Module,
+    scheduler: Any,
+    steps: int,
+    sample_shape: Sequence[int],
+    target: float = 0.6,
+    seed: int = 0,
+    cond: Callable[[int, torch.Generator], dict] | None = None,
+    blocks: Sequence[str] | None = None,
+    config: LearnConfig | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> Mask:
+    """Learn a T x B mask keeping about ``target`` of the model's MACs (see the module docstring)."""
+    import maskc
+
+    cfg = config or LearnConfig()
+    cfg = LearnConfig(**{**asdict(cfg), "target": target, **overrides})
+    cfg.validate()
+    model.eval()
+    was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
+    N = cfg.batch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    extra = dict(cond(N, g)) if cond is not None else {}
+    tkw = _timestep_kw(model)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    T = len(timesteps)
+    x = torch.randn((N, *sample_shape), generator=g).to(device, dtype)
+
+    def call(xx: torch.Tensor, t: torch.Tensor) -> Any:
+        return model(xx, **{tkw: t.reshape(1).expand(N).to(device)}, **extra)
+
+    # Block set, MACs per block and the block graph (for rectification) from one example.
+    ex_args, ex_kwargs = (x[:1],), {tkw: timesteps[0].reshape(1).to(device), **{k: _slice1(v) for k, v in extra.items()}}
+    names = list(blocks) if blocks is not None else maskc.blocks(model, example=(ex_args, ex_kwargs))
+    graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
+    macs = torch.tensor([float(graph.nodes[n]["macs"]) for n in names], dtype=torch.float64)
+    total = float(graph.graph["total_macs"])
+    glue = total - float(macs.sum())
+    if macs.sum() <= 0:
+        raise MaskcError("the blocks have no MACs to save (FlopCounterMode counted none)")
+    w_macs = (macs / macs.sum()).to(torch.float32)
+
+    # The original trajectory: inputs and outputs of every step.
+    xs: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for t in timesteps:
+            xs.append(x)
+            eps = _first_tensor(call(x, t))
+            outs.append(eps)
+            step_kw = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            x = scheduler.step(eps[:, : sample_shape[0]], t, x, **step_kw).prev_sample
+    delta = torch.zeros(T)
+    for i in range(1, T):
+        delta[i] = ((outs[i] - outs[i - 1]).norm() / outs[i - 1].norm().clamp_min(1e-12)).item()
+    if cfg.loss_scaling and T > 1:
+        w = (delta[1:] / delta[1:].mean().clamp_min(1e-12)).clamp(0.25, 4.0)
+        weights = torch.cat([torch.ones(1), w / w.mean()])
+    else:
+        weights = torch.ones(T)
+
+    # Resume.
+    state = {"scores": [[1.0] * len(names)], "lam": cfg.lam}
+    ckpt = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        ckpt = os.path.join(checkpoint_dir, "learn_state.json")
+        key = {"names": names, "timesteps": [float(t) for t in timesteps], "seed": seed, "config": asdict(cfg)}
+        if os.path.exists(ckpt):
+            with open(ckpt) as f:
+                saved = json.load(f)
+            if saved.get("key") != key:
+                raise MaskcError(
+                    f"checkpoint {ckpt} was made with other settings (model blocks, timesteps, seed or config); "
+                    "use another checkpoint_dir or delete it"
+                )
+            state = saved["state"]
+    mixer = _Mixer(model, names)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=T, initial=len(state["scores"]), desc="maskc learn", unit="step")
+        except ImportError:
+            bar = None
+    try:
+        for i in range(len(state["scores"]), T):
+            # cache: the original model's block outputs at step i-1
+            mixer.mode = "record"
+            with torch.no_grad():
+                call(xs[i - 1], timesteps[i - 1])
+            mixer.cache = dict(mixer.record)
+            mixer.record = {}
+            target_out = outs[i]
+            scale = target_out.pow(2).mean().clamp_min(1e-12)
+            gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+            logits = torch.full((len(names),), cfg.init_logit, requires_grad=True)
+            opt = torch.optim.Adam([logits], lr=cfg.lr)
+            lam = float(state["lam"])
+            mixer.mode = "mix"
+            for _ in range(cfg.iters):
+                s = torch.sigmoid(logits)
+                u = torch.rand(len(names), generator=gi)
+                if cfg.sampling == "stochastic":
+                    hard = (u < s).float()
+                    m = hard + s - s.detach()
+                else:
+                    u2 = torch.rand(len(names), generator=gi)
+                    gumbel = torch.log(-torch.log(u2.clamp_min(1e-20)).clamp_min(1e-20)) - torch.log(
+                        -torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)
+                    )
+                    soft = torch.sigmoid((logits + gumbel) / cfg.gumbel_tau)
+                    m = (soft > 0.5).float() + soft - soft.detach()
+                mixer.m = m.to(device, dtype)
+                out = _first_tensor(call(xs[i], timesteps[i]))
+                fid = (out - target_out).pow(2).mean() / scale
+                loss = weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            s = torch.sigmoid(logits.detach())
+            expected = (float((w_macs.double() * s.double()).sum() * macs.sum()) + glue) / total
+            lam = max(0.0, lam + cfg.lam_lr * (expected - cfg.target))
+            state["scores"].append([float(v) for v in s])
+            state["lam"] = lam
+            if ckpt is not None:
+                _atomic_json(ckpt, {"key": key, "state": state})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(lam=f"{lam:.3f}", kept=f"{expected:.2f}")
+    finally:
+        mixer.close()
+        if bar is not None:
+            bar.close()
+        for n, p in model.named_parameters():
+            p.requires_grad_(was_grad[n])
+    scores = torch.tensor(state["scores"], dtype=torch.float64)
+    ex_t = [t.reshape(1).to(device) for t in timesteps]
+
+    # The block-MACs model ignores glue that dies with the blocks it fed (an upsampler
+    # whose consumers are skipped): bisect the budget given to the greedy fit on
+    # FlopCounterMode counts of the compiled mask.
+    full_flops = measured_flops(model, None, ex_args, ex_kwargs, tkw, ex_t)
+    lo_g, hi_g, goal = 0.0, 1.0, cfg.target
+    bits, frac = None, math.inf
+    for _ in range(10):
+        trial = _to_budget(scores, macs, glue, total, graph, names, cfg, goal)
+        f_trial = measured_flops(model, Mask(trial, names), ex_args, ex_kwargs, tkw, ex_t) / full_flops
+        if abs(f_trial - cfg.target) < abs(frac - cfg.target):
+            bits, frac = trial, f_trial
+        if abs(frac - cfg.target) <= cfg.tolerance / 2:
+            break
+        if f_trial > cfg.target:
+            hi_g = goal
+        else:
+            lo_g = goal
+        goal = (lo_g + hi_g) / 2
+    assert bits is not None
+    mask = Mask(
+        bits,
+        names,
+        {
+            "backbone": type(model).__name__,
+            "fingerprint": fingerprint(model, names),
+            "scheduler": type(scheduler).__name__,
+            "timesteps": [float(t) for t in timesteps],
+            "provenance": {
+                "method": "learned (He & Gao 2026, per-timestep)",
+                "seed": seed,
+                "config": asdict(cfg),
+                "delta": [float(v) for v in delta],
+                "loss_weights": [float(v) for v in weights],
+                "macs_fraction": frac,
+            },
+        },
+    )
+    return mask
+
+
+def _slice1(v: Any) -> Any:
+    return pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, v)
+
+
+def _fraction(bits: torch.Tensor, macs: torch.Tensor, glue: float, total: float) -> float:
+    T = bits.shape[0]
+    return float((bits.double() @ macs).sum() + T * glue) / (T * total)
+
+
+def measured_flops(model: torch.nn.Module, mask: Mask | None, ex_args: tuple, ex_kwargs: dict, tkw: str,
+                   timesteps: list[torch.Tensor]) -> int:
+    """FLOPs of one generation on the example (batch 1), compiled with ``mask`` or, if None, original."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import maskc
+
+    kw0 = {k: v for k, v in ex_kwargs.items() if k != tkw}
+    fn: Any = model
+    if mask is not None:
+        fn = maskc.compile(model, mask, example_args=ex_args, example_kwargs={**kw0, tkw: timesteps[0]})
+    total = 0
+    with torch.no_grad():
+        for t in timesteps:
+            with FlopCounterMode(display=False) as fc:
+                fn(*ex_args, **kw0, **{tkw: t})
+            total += fc.get_total_flops()
+    return total
+
+
+def _to_budget(scores: torch.Tensor, macs: torch.Tensor, glue: float, total: float, graph: Any,
+               names: list[str], cfg: LearnConfig, goal: float) -> torch.Tensor:
+    """Threshold at 0.5, rectify, then flip the least certain runs until MACs are within the budget."""
+    from maskc.passes.rectify import rectify_bits
+
+    def fix(b: torch.Tensor) -> torch.Tensor:
+        return rectify_bits(b, names, graph)[0] if cfg.rectify else b
+
+    bits = scores > 0.5
+    bits[0] = True
+    bits = fix(bits)
+    lo, hi = goal - cfg.tolerance, goal + cfg.tolerance
+    order_off = sorted(((float(scores[i, j]), i, j) for i in range(1, bits.shape[0]) for j in range(bits.shape[1])))
+    frac = _fraction(bits, macs, glue, total)
+    if frac > hi:  # turn off the runs with the lowest scores
+        for _, i, j in order_off:
+            if frac <= goal:
+                break
+            if bits[i, j]:
+                trial = bits.clone()
+                trial[i, j] = False
+                new = fix(trial)
+                f_new = _fraction(new, macs, glue, total)
+                if f_new >= lo:  # a flip that kills a whole branch may overshoot: skip it
+                    bits, frac = new, f_new
+    elif frac < lo:  # turn on the skipped runs with the highest scores
+        for _, i, j in reversed(order_off):
+            if frac >= goal:
+                break
+            if not bits[i, j]:
+                trial = bits.clone()
+                trial[i, j] = True
+                new = fix(trial)
+                f_new = _fraction(new, macs, glue, total)
+                if frac < f_new <= hi:
+                    bits, frac = new, f_new
+    return bits
