@@ -1,7 +1,7 @@
 """The ``maskc`` command line. Subcommands wrap the public API.
 
-Only ``demo`` exists so far; ``learn``, ``compile``, ``sample``, ``bench`` and
-``viz`` come with the issues that build them.
+``demo`` and ``learn`` exist so far; ``compile``, ``sample``, ``bench`` and ``viz``
+come with the issues that build them.
 """
 from __future__ import annotations
 
@@ -74,6 +74,52 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(path: str):
+    """A diffusers model folder (config.json + weights), by the class its config names."""
+    import json
+    import os
+
+    import diffusers
+
+    with open(os.path.join(path, "config.json")) as f:
+        cls_name = json.load(f).get("_class_name")
+    cls = getattr(diffusers, cls_name or "", None)
+    if cls is None:
+        raise SystemExit(f"{path}/config.json names no diffusers model class ({cls_name!r})")
+    return cls.from_pretrained(path).eval()
+
+
+def _scheduler(name: str, train_steps: int):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise SystemExit(f"unknown scheduler {name!r}; use e.g. DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler")
+    return cls(num_train_timesteps=train_steps)
+
+
+def learn_cmd(args: argparse.Namespace) -> int:
+    """Learn a mask for a diffusers model folder and write it as JSON."""
+    import torch
+
+    import maskc
+
+    torch.set_num_threads(args.threads)
+    model = _load_model(args.model)
+    c = model.config
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    cond = None
+    if args.num_classes:
+        cond = lambda n, g: {"class_labels": torch.randint(0, args.num_classes, (n,), generator=g)}  # noqa: E731
+    mask = maskc.learn(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
+                       target=args.target, seed=args.seed, cond=cond, checkpoint_dir=args.checkpoint_dir,
+                       batch=args.batch, iters=args.iters, sampling=args.sampling,
+                       loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
+    mask.save(args.out)
+    print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskc", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -82,6 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--reps", type=int, default=3)
     d.add_argument("--threads", type=int, default=2)
     d.set_defaults(fn=demo)
+    ln = sub.add_parser("learn", help="learn a mask for a diffusers model folder")
+    ln.add_argument("--model", required=True, help="diffusers model folder (save_pretrained)")
+    ln.add_argument("--out", required=True, help="mask JSON to write")
+    ln.add_argument("--steps", type=int, default=20)
+    ln.add_argument("--target", type=float, default=0.6, help="fraction of MACs to keep")
+    ln.add_argument("--scheduler", default="DDIMScheduler")
+    ln.add_argument("--train-steps", type=int, default=1000)
+    ln.add_argument("--seed", type=int, default=0)
+    ln.add_argument("--batch", type=int, default=8)
+    ln.add_argument("--iters", type=int, default=40)
+    ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="stochastic")
+    ln.add_argument("--no-loss-scaling", action="store_true")
+    ln.add_argument("--no-rectify", action="store_true")
+    ln.add_argument("--num-classes", type=int, default=0, help="class-conditional: draw labels in [0, N)")
+    ln.add_argument("--checkpoint-dir", default=None, help="resume from / save per-step progress here")
+    ln.add_argument("--threads", type=int, default=2)
+    ln.set_defaults(fn=learn_cmd)
     args = ap.parse_args(argv)
     return args.fn(args)
 
