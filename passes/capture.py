@@ -120,9 +120,32 @@ class ValueProxy(fx.Proxy):
     def keys(self) -> Any:  # type: ignore[override]
         return self.value.keys()
 
+    # A proxy of a tuple or list (a block that returns several values) stays a Python
+    # tuple of per-element proxies under slicing and concatenation, so each element is
+    # its own value and dead-code elimination sees which ones are used.
+    def _elements(self) -> tuple:
+        return tuple(self[i] for i in range(len(self.value)))
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice) and isinstance(self.value, (tuple, list)):
+            return self._elements()[k]
+        return self.tracer.create_proxy("call_function", operator.getitem, (self, k), {})
+
+    def __add__(self, o: Any) -> Any:
+        if isinstance(self.value, (tuple, list)) and isinstance(o, (tuple, list)):
+            return self._elements() + tuple(o)
+        return self.tracer.create_proxy("call_function", operator.add, (self, o), {})
+
+    def __radd__(self, o: Any) -> Any:
+        if isinstance(self.value, (tuple, list)) and isinstance(o, (tuple, list)):
+            return tuple(o) + self._elements()
+        return self.tracer.create_proxy("call_function", operator.add, (o, self), {})
+
     # In-place operators stay in place (plain fx would rebind to an out-of-place op,
     # which changes aliasing semantics); they are recorded as operator.i* nodes.
     def __iadd__(self, o: Any) -> Any:
+        if isinstance(self.value, (tuple, list)):
+            return self + o
         return self.tracer.create_proxy("call_function", operator.iadd, (self, o), {})
 
     def __isub__(self, o: Any) -> Any:

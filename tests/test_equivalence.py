@@ -96,3 +96,26 @@ def test_skipped_blocks_flops_vanish(family: str, data) -> None:
         assert got <= full - 0.9 * skipped, f"step {i}: {got} FLOPs, full {full}, skipped blocks {skipped}"
         if bits[i].all():
             assert got == full
+
+
+@pytest.mark.parametrize("family", ["unet2d", "unet2d_cond"])
+@given(data=st.data())
+@settings(max_examples=10)
+def test_coarse_blocks_equal_reference(family: str, data) -> None:
+    """Whole down/mid/up blocks as blocks (DeepCache's granularity): tuple outputs, skip lists."""
+    case = data.draw(FAMILIES[family](), label="case")
+    m = case.model
+    names = [f"down_blocks.{k}" for k in range(len(m.down_blocks))]
+    names += ["mid_block"] if m.mid_block is not None else []
+    names += [f"up_blocks.{k}" for k in range(len(m.up_blocks))]
+    names = maskc.blocks(m, names=names)
+    steps = data.draw(st.integers(2, 5), label="steps")
+    bits = random_bits(data.draw, steps, len(names))
+    ref = HookReference(m, bits, names)
+    try:
+        expected = [out for _, out in trajectory(case, ref, steps)]
+    finally:
+        ref.close()
+    tm = maskc.compile(m, maskc.Mask(bits, names))
+    for i, (_, out) in enumerate(trajectory(case, tm, steps)):
+        assert leaves_equal(out, expected[i]), f"step {i} differs; mask row {bits[i].int().tolist()}"

@@ -137,3 +137,17 @@ def test_cache_report_below_caching_every_block() -> None:
     assert 0 < rep["peak_bytes"] < rep["all_blocks_bytes"]
     # only the deepest block that feeds the shallow up-block is held: its output, not every block's
     assert rep["peak_bytes"] == sum(rep["block_bytes"][b] for b in tm.step_graph(1).reads)
+
+
+def test_coarse_blocks_dead_branch_not_run() -> None:
+    """With whole stages as blocks, skipping mid and the deepest up block kills the deepest down block."""
+    m = small_unet()
+    names = maskc.blocks(m, names=["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"])
+    bits = torch.ones(3, 5, dtype=torch.bool)
+    bits[1:, 2:4] = False
+    tm = maskc.compile(m, maskc.Mask(bits, names), example_args=(torch.randn(1, 2, 8, 8), torch.tensor(1)))
+    assert tm.step_graph(1).runs == ("down_blocks.0", "up_blocks.1")
+    assert tm.step_graph(1).reads == ("up_blocks.0",)
+    g = maskc.block_graph(m, torch.randn(1, 2, 8, 8), torch.tensor(1), blocks=names)
+    r = maskc.rectify(maskc.Mask(bits, names), g)
+    assert r.bits[1].tolist() == [True, False, False, False, True]
