@@ -164,8 +164,36 @@ class Mask:
         m.meta["fingerprint"] = fingerprint(model, self.names)
         return m
 
-    def check(self, model: torch.nn.Module) -> None:
-        """Refuse a mask made for another model, naming the first difference."""
+    def check_scheduler(self, scheduler: Any) -> None:
+        """Refuse a mask learned for another scheduler or step count (call after set_timesteps)."""
+        name = self.meta.get("scheduler")
+        if name is not None and name != type(scheduler).__name__:
+            raise MaskMismatchError(
+                f"mask was made for a {name}, not a {type(scheduler).__name__}; use the scheduler it was made for "
+                "or make a mask for this one"
+            )
+        ts = getattr(scheduler, "timesteps", None)
+        if ts is None:
+            return
+        ts = [float(t) for t in ts]
+        if len(ts) != self.steps:
+            raise MaskMismatchError(
+                f"scheduler has {len(ts)} steps but the mask has T={self.steps}; call "
+                f"scheduler.set_timesteps({self.steps}) or use a mask with {len(ts)} rows"
+            )
+        want = self.meta.get("timesteps")
+        if want is not None:
+            for i, (a, b) in enumerate(zip(want, ts)):
+                if abs(float(a) - b) > 1e-6:
+                    raise MaskMismatchError(
+                        f"timestep {i} of the scheduler is {b:g}, the mask was made for {float(a):g}; "
+                        "the schedules differ (spacing or step count)"
+                    )
+
+    def check(self, model: torch.nn.Module, scheduler: Any = None) -> None:
+        """Refuse a mask made for another model (or scheduler), naming the first difference."""
+        if scheduler is not None:
+            self.check_scheduler(scheduler)
         modules = dict(model.named_modules())
         for n in self.names:
             if n not in modules:

@@ -108,3 +108,21 @@ def test_bytes_garbage_and_missing_file(tmp_path) -> None:
         maskc.Mask.load(p)
     with pytest.raises(maskc.MaskFileError, match="cannot read"):
         maskc.Mask.load(tmp_path / "missing.json")
+
+
+def test_scheduler_checks() -> None:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(4)
+    m = maskc.Mask.full(4, ["a"], meta={"scheduler": "DDIMScheduler", "timesteps": [float(t) for t in s.timesteps]})
+    m.check_scheduler(s)
+    s.set_timesteps(5)
+    with pytest.raises(maskc.MaskMismatchError, match="5 steps but the mask has T=4"):
+        m.check_scheduler(s)
+    s2 = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    s2.set_timesteps(4)
+    with pytest.raises(maskc.MaskMismatchError, match="timestep 0"):
+        m.check_scheduler(s2)
+    with pytest.raises(maskc.MaskMismatchError, match="DDPMScheduler"):
+        m.check_scheduler(DDPMScheduler())
