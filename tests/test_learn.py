@@ -113,3 +113,14 @@ def test_resume_after_kill(tmp_path) -> None:
     resumed = _learn(small_unet(), steps=8, checkpoint_dir=ckpt, iters=40)
     uninterrupted = _learn(small_unet(), steps=8, iters=40)
     assert resumed == uninterrupted
+
+
+@pytest.mark.parametrize("sched", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_other_schedulers(sched: str) -> None:
+    import diffusers
+
+    m = small_unet()
+    mask = maskc.learn(m, getattr(diffusers, sched)(num_train_timesteps=1000), steps=5, sample_shape=(1, 16, 16),
+                       target=0.6, progress=False, iters=5, batch=2)
+    assert mask.meta["scheduler"] == sched and mask.steps == 5
+    assert abs(mask.meta["provenance"]["macs_fraction"] - 0.6) <= 0.03
