@@ -214,3 +214,15 @@ def random_bits(draw: Any, steps: int, blocks: int) -> torch.Tensor:
     for _ in range(steps - 1):
         rows.append(draw(st.lists(st.booleans() if p == 0.5 else st.sampled_from([True] * int(10 * p) + [False] * (10 - int(10 * p))), min_size=blocks, max_size=blocks)))
     return torch.tensor(rows, dtype=torch.bool)
+
+
+def small_unet(sample_size: int = 8, channels: int = 2, seed: int = 0):
+    """A two-level UNet2DModel with one attention level: the fixed model of example-based tests."""
+    from diffusers import UNet2DModel
+
+    m = UNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16)
+        if sample_size == 8 else (16, 32), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    return randomize(m, seed)

@@ -4,24 +4,14 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from diffusers import UNet2DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskc
-from archs import FAMILIES, randomize
+from archs import FAMILIES, randomize, small_unet
 from maskc.models.dit import DiT
 from reference import HookReference
 from test_equivalence import leaves_equal, trajectory
-
-
-def small_unet() -> UNet2DModel:
-    m = UNet2DModel(
-        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    return randomize(m, 0)
 
 
 def test_unet_graph_has_skip_connections() -> None:

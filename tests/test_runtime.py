@@ -6,18 +6,13 @@ import torch
 from diffusers import UNet2DModel
 
 import maskc
-from archs import randomize
+from archs import small_unet
 from maskc.models.dit import DiT
 
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DModel:
-    m = UNet2DModel(
-        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    return randomize(m, 0)
+    return small_unet()
 
 
 def _mask(names, steps=3, skip_from=1):
