@@ -178,7 +178,14 @@ def learn_cmd(args: argparse.Namespace) -> int:
 
     import maskc
 
+    import os
+
     torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # torchrun: timesteps are sharded across the processes
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     model = _load_model(args.model)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -189,8 +196,11 @@ def learn_cmd(args: argparse.Namespace) -> int:
                        target=args.target, seed=args.seed, cond=cond, checkpoint_dir=args.checkpoint_dir,
                        batch=args.batch, iters=args.iters, sampling=args.sampling,
                        loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
-    mask.save(args.out)
-    print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
+    if not distributed or dist.get_rank() == 0:
+        mask.save(args.out)
+        print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
+    if distributed:
+        dist.destroy_process_group()
     return 0
 
 

@@ -13,7 +13,7 @@ option). The loss is
 
 where w[i] is the timestep-aware scaling from delta[i], the change of the original
 output between consecutive steps (sensitive steps keep fidelity), and lam follows
-dual ascent on the MACs budget across steps. Only one step's graph is
+dual ascent on the MACs budget across rounds of steps. Only one step's graph is
 back-propagated, so memory is flat in T. Row 0 always runs every block. Afterwards
 the scores are thresholded to bits, MACs are brought within the budget by flipping
 the least (most) certain runs, and the mask is rectified exactly.
@@ -57,13 +57,14 @@ class LearnConfig:
     loss_scaling: bool = True  # timestep-aware fidelity weights from delta
     rectify: bool = True
     tolerance: float = 0.03  # final MACs within target +- tolerance
+    round_size: int = 4  # steps per dual-ascent round (and per torchrun work split)
 
     def validate(self) -> None:
         if not 0.0 < self.target <= 1.0:
             raise MaskcError(f"target must be in (0, 1], the fraction of MACs to keep; got {self.target}")
         if self.sampling not in ("stochastic", "gumbel"):
             raise MaskcError(f"sampling must be 'stochastic' or 'gumbel', got {self.sampling!r}")
-        if self.batch < 1 or self.iters < 1:
+        if self.batch < 1 or self.iters < 1 or self.round_size < 1:
             raise MaskcError("batch and iters must be positive")
 
 
@@ -115,6 +116,15 @@ class _Mixer:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _atomic_json(path: str, obj: Any) -> None:
@@ -195,7 +205,7 @@ def learn(
         weights = torch.ones(T)
 
     # Resume.
-    state = {"scores": [[1.0] * len(names)], "lam": cfg.lam}
+    state: dict[str, Any] = {"scores": [[1.0] * len(names)], "lam": cfg.lam, "partial": {}}
     ckpt = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
@@ -211,59 +221,87 @@ def learn(
                 )
             state = saved["state"]
     mixer = _Mixer(model, names)
+    rank, world = _dist_rank_world()
     bar = None
-    if progress:
+    if progress and rank == 0:
         try:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=T, initial=len(state["scores"]), desc="maskc learn", unit="step")
         except ImportError:
             bar = None
+    def train_step(i: int, lam: float) -> tuple[list[float], float]:
+        """Scores of step i, learned with sparsity weight ``lam``, and their expected MACs fraction."""
+        mixer.mode = "record"  # the cache: the original model's block outputs at step i-1
+        with torch.no_grad():
+            call(xs[i - 1], timesteps[i - 1])
+        mixer.cache = dict(mixer.record)
+        mixer.record = {}
+        target_out = outs[i]
+        scale = target_out.pow(2).mean().clamp_min(1e-12)
+        gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+        logits = torch.full((len(names),), cfg.init_logit, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=cfg.lr)
+        mixer.mode = "mix"
+        for _ in range(cfg.iters):
+            s = torch.sigmoid(logits)
+            u = torch.rand(len(names), generator=gi)
+            if cfg.sampling == "stochastic":
+                hard = (u < s).float()
+                m = hard + s - s.detach()
+            else:
+                u2 = torch.rand(len(names), generator=gi)
+                gumbel = torch.log(-torch.log(u2.clamp_min(1e-20)).clamp_min(1e-20)) - torch.log(
+                    -torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)
+                )
+                soft = torch.sigmoid((logits + gumbel) / cfg.gumbel_tau)
+                m = (soft > 0.5).float() + soft - soft.detach()
+            mixer.m = m.to(device, dtype)
+            out = _first_tensor(call(xs[i], timesteps[i]))
+            fid = (out - target_out).pow(2).mean() / scale
+            loss = weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        mixer.mode = "off"
+        s = torch.sigmoid(logits.detach())
+        expected = (float((w_macs.double() * s.double()).sum() * macs.sum()) + glue) / total
+        return [float(v) for v in s], expected
+
     try:
-        for i in range(len(state["scores"]), T):
-            # cache: the original model's block outputs at step i-1
-            mixer.mode = "record"
-            with torch.no_grad():
-                call(xs[i - 1], timesteps[i - 1])
-            mixer.cache = dict(mixer.record)
-            mixer.record = {}
-            target_out = outs[i]
-            scale = target_out.pow(2).mean().clamp_min(1e-12)
-            gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
-            logits = torch.full((len(names),), cfg.init_logit, requires_grad=True)
-            opt = torch.optim.Adam([logits], lr=cfg.lr)
+        # Rounds of ``round_size`` steps share one sparsity weight; lam is updated by dual
+        # ascent after each round. The rounds do not depend on the number of processes, so
+        # torchrun with any --nproc-per-node gives the mask one process gives.
+        while len(state["scores"]) < T:
+            start = len(state["scores"])
+            round_steps = list(range(start, min(start + cfg.round_size, T)))
             lam = float(state["lam"])
-            mixer.mode = "mix"
-            for _ in range(cfg.iters):
-                s = torch.sigmoid(logits)
-                u = torch.rand(len(names), generator=gi)
-                if cfg.sampling == "stochastic":
-                    hard = (u < s).float()
-                    m = hard + s - s.detach()
-                else:
-                    u2 = torch.rand(len(names), generator=gi)
-                    gumbel = torch.log(-torch.log(u2.clamp_min(1e-20)).clamp_min(1e-20)) - torch.log(
-                        -torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)
-                    )
-                    soft = torch.sigmoid((logits + gumbel) / cfg.gumbel_tau)
-                    m = (soft > 0.5).float() + soft - soft.detach()
-                mixer.m = m.to(device, dtype)
-                out = _first_tensor(call(xs[i], timesteps[i]))
-                fid = (out - target_out).pow(2).mean() / scale
-                loss = weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            s = torch.sigmoid(logits.detach())
-            expected = (float((w_macs.double() * s.double()).sum() * macs.sum()) + glue) / total
-            lam = max(0.0, lam + cfg.lam_lr * (expected - cfg.target))
-            state["scores"].append([float(v) for v in s])
-            state["lam"] = lam
-            if ckpt is not None:
+            partial = {int(k): v for k, v in state.get("partial", {}).items()}
+            for k, i in enumerate(round_steps):
+                if i in partial or k % world != rank:
+                    continue
+                partial[i] = list(train_step(i, lam))
+                state["partial"] = {str(j): v for j, v in partial.items()}
+                if ckpt is not None and world == 1:
+                    _atomic_json(ckpt, {"key": key, "state": state})
+                if bar is not None:
+                    bar.update(1)
+            if world > 1:
+                import torch.distributed as dist
+
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, partial)
+                for part in gathered:
+                    partial.update({int(k): v for k, v in part.items()})
+            for i in round_steps:
+                state["scores"].append(partial[i][0])
+            mean_expected = sum(partial[i][1] for i in round_steps) / len(round_steps)
+            state["lam"] = max(0.0, lam + cfg.lam_lr * (mean_expected - cfg.target))
+            state["partial"] = {}
+            if ckpt is not None and rank == 0:
                 _atomic_json(ckpt, {"key": key, "state": state})
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(lam=f"{lam:.3f}", kept=f"{expected:.2f}")
+                bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{mean_expected:.2f}")
     finally:
         mixer.close()
         if bar is not None:

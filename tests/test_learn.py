@@ -119,3 +119,20 @@ def test_other_schedulers(sched: str) -> None:
                        target=0.6, progress=False, iters=5, batch=2)
     assert mask.meta["scheduler"] == sched and mask.steps == 5
     assert abs(mask.meta["provenance"]["macs_fraction"] - 0.6) <= 0.03
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_same_mask(tmp_path) -> None:
+    model_dir = str(tmp_path / "model")
+    small_unet().save_pretrained(model_dir)
+    common = ["learn", "--model", model_dir, "--steps", "6", "--target", "0.6", "--batch", "2", "--iters", "8",
+              "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "maskc", *common, "--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                          "-m", "maskc", *common, "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert maskc.Mask.load(tmp_path / "one.json") == maskc.Mask.load(tmp_path / "two.json")
