@@ -15,8 +15,9 @@ where w[i] is the timestep-aware scaling from delta[i], the change of the origin
 output between consecutive steps (sensitive steps keep fidelity), and lam follows
 dual ascent on the MACs budget across rounds of steps. Only one step's graph is
 back-propagated, so memory is flat in T. Row 0 always runs every block. Afterwards
-the scores are thresholded to bits, MACs are brought within the budget by flipping
-the least (most) certain runs, and the mask is rectified exactly.
+the runs are ranked by score, and the number kept is chosen so that the rectified
+mask's MACs, counted by FlopCounterMode on the compiled mask, are closest to the
+budget.
 
 Invariants: deterministic for a given seed; a run with ``checkpoint_dir`` saves each
 finished step atomically and a rerun resumes with the same result.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -311,24 +311,40 @@ def learn(
     scores = torch.tensor(state["scores"], dtype=torch.float64)
     ex_t = [t.reshape(1).to(device) for t in timesteps]
 
-    # The block-MACs model ignores glue that dies with the blocks it fed (an upsampler
-    # whose consumers are skipped): bisect the budget given to the greedy fit on
-    # FlopCounterMode counts of the compiled mask.
+    # Budget: rank the runs of steps >= 1 by learned score (ties: the step's fidelity
+    # weight, then cheaper blocks first), keep the top k, rectify; the generation's MACs,
+    # counted by FlopCounterMode on the compiled mask (so glue that dies with the blocks
+    # it fed is counted), grow with k: binary-search the k closest to the target.
     full_flops = measured_flops(model, None, ex_args, ex_kwargs, tkw, ex_t)
-    lo_g, hi_g, goal = 0.0, 1.0, cfg.target
-    bits, frac = None, math.inf
-    for _ in range(10):
-        trial = _to_budget(scores, macs, glue, total, graph, names, cfg, goal)
-        f_trial = measured_flops(model, Mask(trial, names), ex_args, ex_kwargs, tkw, ex_t) / full_flops
-        if abs(f_trial - cfg.target) < abs(frac - cfg.target):
-            bits, frac = trial, f_trial
-        if abs(frac - cfg.target) <= cfg.tolerance / 2:
-            break
-        if f_trial > cfg.target:
-            hi_g = goal
+    order = sorted(
+        ((i, j) for i in range(1, T) for j in range(len(names))),
+        key=lambda ij: (-float(scores[ij[0], ij[1]]), -float(weights[ij[0]]), float(macs[ij[1]])),
+    )
+    measured: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def keep(k: int) -> tuple[torch.Tensor, float]:
+        if k not in measured:
+            b = torch.zeros(T, len(names), dtype=torch.bool)
+            b[0] = True
+            for i, j in order[:k]:
+                b[i, j] = True
+            if cfg.rectify:
+                from maskc.passes.rectify import rectify_bits
+
+                b = rectify_bits(b, names, graph)[0]
+            f = measured_flops(model, Mask(b, names), ex_args, ex_kwargs, tkw, ex_t) / full_flops
+            measured[k] = (b, f)
+        return measured[k]
+
+    lo_k, hi_k = 0, len(order)
+    while lo_k < hi_k:
+        mid = (lo_k + hi_k) // 2
+        if keep(mid)[1] >= cfg.target:
+            hi_k = mid
         else:
-            lo_g = goal
-        goal = (lo_g + hi_g) / 2
+            lo_k = mid + 1
+    best = min({max(lo_k - 1, 0), lo_k}, key=lambda k: abs(keep(k)[1] - cfg.target))
+    bits, frac = keep(best)
     assert bits is not None
     mask = Mask(
         bits,
@@ -355,11 +371,6 @@ def _slice1(v: Any) -> Any:
     return pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, v)
 
 
-def _fraction(bits: torch.Tensor, macs: torch.Tensor, glue: float, total: float) -> float:
-    T = bits.shape[0]
-    return float((bits.double() @ macs).sum() + T * glue) / (T * total)
-
-
 def measured_flops(model: torch.nn.Module, mask: Mask | None, ex_args: tuple, ex_kwargs: dict, tkw: str,
                    timesteps: list[torch.Tensor]) -> int:
     """FLOPs of one generation on the example (batch 1), compiled with ``mask`` or, if None, original."""
@@ -378,42 +389,3 @@ def measured_flops(model: torch.nn.Module, mask: Mask | None, ex_args: tuple, ex
                 fn(*ex_args, **kw0, **{tkw: t})
             total += fc.get_total_flops()
     return total
-
-
-def _to_budget(scores: torch.Tensor, macs: torch.Tensor, glue: float, total: float, graph: Any,
-               names: list[str], cfg: LearnConfig, goal: float) -> torch.Tensor:
-    """Threshold at 0.5, rectify, then flip the least certain runs until MACs are within the budget."""
-    from maskc.passes.rectify import rectify_bits
-
-    def fix(b: torch.Tensor) -> torch.Tensor:
-        return rectify_bits(b, names, graph)[0] if cfg.rectify else b
-
-    bits = scores > 0.5
-    bits[0] = True
-    bits = fix(bits)
-    lo, hi = goal - cfg.tolerance, goal + cfg.tolerance
-    order_off = sorted(((float(scores[i, j]), i, j) for i in range(1, bits.shape[0]) for j in range(bits.shape[1])))
-    frac = _fraction(bits, macs, glue, total)
-    if frac > hi:  # turn off the runs with the lowest scores
-        for _, i, j in order_off:
-            if frac <= goal:
-                break
-            if bits[i, j]:
-                trial = bits.clone()
-                trial[i, j] = False
-                new = fix(trial)
-                f_new = _fraction(new, macs, glue, total)
-                if f_new >= lo:  # a flip that kills a whole branch may overshoot: skip it
-                    bits, frac = new, f_new
-    elif frac < lo:  # turn on the skipped runs with the highest scores
-        for _, i, j in reversed(order_off):
-            if frac >= goal:
-                break
-            if not bits[i, j]:
-                trial = bits.clone()
-                trial[i, j] = True
-                new = fix(trial)
-                f_new = _fraction(new, macs, glue, total)
-                if frac < f_new <= hi:
-                    bits, frac = new, f_new
-    return bits

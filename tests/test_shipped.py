@@ -1,0 +1,45 @@
+"""The shipped Fashion-MNIST U-Net and its learned mask: load, check, exactness, the demo."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+import maskc
+from maskc.cli import _shipped_dir
+from reference import HookReference
+
+D = _shipped_dir()
+
+
+def test_shipped_model_and_mask_are_exact() -> None:
+    assert D is not None, "the shipped model is missing from maskc/models/weights/fmnist-unet"
+    model = UNet2DModel.from_pretrained(D).float().eval()
+    mask = maskc.Mask.load(os.path.join(D, "mask_ddim20.json"))
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(20)
+    mask.check(model, sched)
+    assert 0.5 <= mask.meta["provenance"]["macs_fraction"] <= 0.7
+    x0 = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = HookReference(model, mask.bits, mask.names)
+    tm = maskc.compile(model, mask)
+    x = y = x0
+    try:
+        for t in sched.timesteps:
+            a, b = ref(x, t).sample, tm(y, t).sample
+            assert torch.equal(a, b)
+            x = sched.step(a, t, x).prev_sample
+            y = x
+    finally:
+        ref.close()
+
+
+def test_demo_runs(tmp_path) -> None:
+    out = tmp_path / "demo.png"
+    r = subprocess.run([sys.executable, "-m", "maskc", "demo", "--n", "2", "--reps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PSNR" in r.stdout and out.exists()
