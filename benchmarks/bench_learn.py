@@ -90,12 +90,12 @@ def main() -> None:
         return mask
 
     learned = {}
-    variants = {"maskc learned": {}}
+    variants = {"maskc learned": {}}  # defaults: Gumbel-Softmax, loss scaling, rectification
     if a.ablations:
         variants.update({
+            "learned, stochastic sampling (paper)": {"sampling": "stochastic"},
             "learned, no loss scaling": {"loss_scaling": False},
             "learned, no rectification": {"rectify": False},
-            "learned, Gumbel-Softmax": {"sampling": "gumbel"},
         })
     for label, kw in variants.items():
         t0 = time.perf_counter()

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ln.add_argument("--seed", type=int, default=0)
     ln.add_argument("--batch", type=int, default=8)
     ln.add_argument("--iters", type=int, default=40)
-    ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="stochastic")
+    ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="gumbel")
     ln.add_argument("--no-loss-scaling", action="store_true")
     ln.add_argument("--no-rectify", action="store_true")
     ln.add_argument("--num-classes", type=int, default=0, help="class-conditional: draw labels in [0, N)")
