@@ -355,6 +355,7 @@ def learn(
         {
             "backbone": type(model).__name__,
             "fingerprint": fingerprint(model, names),
+            "block_hashes": Mask(torch.ones(1, len(names), dtype=torch.bool), names).for_model(model).meta["block_hashes"],
             "scheduler": type(scheduler).__name__,
             "timesteps": [float(t) for t in timesteps],
             "provenance": {

@@ -23,17 +23,24 @@ FORMAT = "maskc.mask"
 VERSION = 1
 
 
+def block_signature(model: torch.nn.Module, name: str) -> str:
+    """A block's type and parameter shapes, as text."""
+    m = dict(model.named_modules()).get(name)
+    if m is None:
+        return "missing"
+    return type(m).__name__ + "(" + ",".join(f"{pn}{tuple(p.shape)}" for pn, p in m.named_parameters()) + ")"
+
+
 def fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
     """Hash of the backbone class and each block's type and parameter shapes."""
-    modules = dict(model.named_modules())
     h = hashlib.sha256(type(model).__name__.encode())
     for n in names:
-        m = modules.get(n)
-        h.update(f"|{n}:{type(m).__name__}".encode())
-        if m is not None:
-            for pn, p in m.named_parameters():
-                h.update(f"{pn}{tuple(p.shape)}".encode())
+        h.update(f"|{n}:{block_signature(model, n)}".encode())
     return h.hexdigest()[:16]
+
+
+def _short(sig: str) -> str:
+    return hashlib.sha256(sig.encode()).hexdigest()[:8]
 
 
 def _to_bits(bits: Any) -> torch.Tensor:
@@ -94,7 +101,7 @@ class Mask:
             "names": self.names,
             "bits": ["".join("1" if v else "0" for v in row) for row in self.bits.tolist()],
         }
-        for k in ("backbone", "fingerprint", "scheduler", "timesteps", "provenance"):
+        for k in ("backbone", "fingerprint", "block_hashes", "scheduler", "timesteps", "provenance"):
             if k in self.meta:
                 d[k] = self.meta[k]
         return d
@@ -129,7 +136,10 @@ class Mask:
         if any(len(r) != len(names) for r in rows):
             raise MaskFileError(f"{source}: every row of 'bits' must have {len(names)} characters, one per block")
         bits = torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool).reshape(len(rows), len(names))
-        meta = {k: d[k] for k in ("backbone", "fingerprint", "scheduler", "timesteps", "provenance") if k in d}
+        meta = {k: d[k] for k in ("backbone", "fingerprint", "block_hashes", "scheduler", "timesteps", "provenance") if k in d}
+        bh = meta.get("block_hashes")
+        if bh is not None and (not isinstance(bh, list) or len(bh) != len(names) or not all(isinstance(h, str) for h in bh)):
+            raise MaskFileError(f"{source}: 'block_hashes' must be a list of strings, one per block")
         for k in ("backbone", "fingerprint", "scheduler"):
             if k in meta and not isinstance(meta[k], str):
                 raise MaskFileError(f"{source}: {k!r} must be a string, got {type(meta[k]).__name__}")
@@ -162,6 +172,7 @@ class Mask:
         m = Mask(self.bits, self.names, self.meta)
         m.meta["backbone"] = type(model).__name__
         m.meta["fingerprint"] = fingerprint(model, self.names)
+        m.meta["block_hashes"] = [_short(block_signature(model, n)) for n in self.names]
         return m
 
     def check_scheduler(self, scheduler: Any) -> None:
@@ -204,6 +215,14 @@ class Mask:
         bb = self.meta.get("backbone")
         if bb is not None and bb != type(model).__name__:
             raise MaskMismatchError(f"mask was made for a {bb}, not a {type(model).__name__}")
+        bh = self.meta.get("block_hashes")
+        if bh is not None:
+            for n, h in zip(self.names, bh):
+                if h != _short(block_signature(model, n)):
+                    raise MaskMismatchError(
+                        f"block {n!r} differs from the one the mask was made for: this model has "
+                        f"{block_signature(model, n)[:200]}. The mask was made for another model; make one for this model"
+                    )
         fp = self.meta.get("fingerprint")
         if fp is not None and fp != fingerprint(model, self.names):
             raise MaskMismatchError(

@@ -61,13 +61,17 @@ def test_truncated_and_corrupt_files(tmp_path) -> None:
         maskc.Mask.load(p)
 
 
-def test_fingerprint_checks_model() -> None:
+def test_fingerprint_checks_model(tmp_path) -> None:
     a = DiT(input_size=4, hidden_size=16, depth=1, num_heads=2)
     b = DiT(input_size=4, hidden_size=32, depth=1, num_heads=2)
     m = maskc.Mask.full(2, maskc.blocks(a)).for_model(a)
     m.check(a)
-    with pytest.raises(maskc.MaskMismatchError, match="fingerprint"):
+    with pytest.raises(maskc.MaskMismatchError, match="block 'blocks.0.attn' differs"):
         m.check(b)
+    p = tmp_path / "m.json"
+    m.save(p)
+    with pytest.raises(maskc.MaskMismatchError, match="blocks.0.attn"):
+        maskc.Mask.load(p).check(b)
 
 
 json_values = st.recursive(
