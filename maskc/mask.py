@@ -33,9 +33,14 @@ def block_signature(model: torch.nn.Module, name: str) -> str:
 
 def fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
     """Hash of the backbone class and each block's type and parameter shapes."""
+    modules = dict(model.named_modules())
     h = hashlib.sha256(type(model).__name__.encode())
-    for n in names:
-        h.update(f"|{n}:{block_signature(model, n)}".encode())
+    for n in names:  # format v1: keep byte-for-byte, saved masks depend on it
+        m = modules.get(n)
+        h.update(f"|{n}:{type(m).__name__}".encode())
+        if m is not None:
+            for pn, p in m.named_parameters():
+                h.update(f"{pn}{tuple(p.shape)}".encode())
     return h.hexdigest()[:16]
 
 
