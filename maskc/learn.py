@@ -35,7 +35,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from maskc.errors import MaskcError
-from maskc.mask import Mask, fingerprint
+from maskc.mask import Mask
 
 __all__ = ["LearnConfig", "learn"]
 
@@ -348,14 +348,10 @@ def learn(
             lo_k = mid + 1
     best = min({max(lo_k - 1, 0), lo_k}, key=lambda k: abs(keep(k)[1] - cfg.target))
     bits, frac = keep(best)
-    assert bits is not None
     mask = Mask(
         bits,
         names,
         {
-            "backbone": type(model).__name__,
-            "fingerprint": fingerprint(model, names),
-            "block_hashes": Mask(torch.ones(1, len(names), dtype=torch.bool), names).for_model(model).meta["block_hashes"],
             "scheduler": type(scheduler).__name__,
             "timesteps": [float(t) for t in timesteps],
             "provenance": {
@@ -368,7 +364,7 @@ def learn(
             },
         },
     )
-    return mask
+    return mask.for_model(model)  # records backbone, fingerprint and block hashes
 
 
 def _slice1(v: Any) -> Any:

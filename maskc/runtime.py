@@ -22,6 +22,11 @@ from maskc.passes.schedule import Schedule, cache_timeline, check_reads_filled, 
 __all__ = ["TimestepModules", "compile"]
 
 
+def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable) -> Callable:
+    """The step graph itself for eager, else torch.compile of it with ``backend``."""
+    return gm if backend == "eager" else torch.compile(gm, backend=backend, dynamic=False)
+
+
 class _Plan:
     """Everything derived from one capture: the step graphs and their compiled callables."""
 
@@ -33,7 +38,7 @@ class _Plan:
         for sg in sched.steps:
             fn = compiled.get(id(sg))
             if fn is None:
-                fn = sg.gm if backend == "eager" else torch.compile(sg.gm, backend=backend, dynamic=False)
+                fn = _step_callable(sg.gm, backend)
                 compiled[id(sg)] = fn
             self.callables.append(fn)
 
@@ -61,7 +66,7 @@ class _StepPlan:
         self.capture = cap
         self.schedule = base.schedule
         self._sg = sg
-        self._fn = sg.gm if backend == "eager" else torch.compile(sg.gm, backend=backend, dynamic=False)
+        self._fn = _step_callable(sg.gm, backend)
 
     def step(self, i: int) -> tuple[Any, Callable]:
         return self._sg, self._fn

@@ -387,19 +387,9 @@ def capture(model: torch.nn.Module, blocks: list[str], args: tuple = (), kwargs:
     params = list(sig.parameters.values())[1:]
     sig_noself = sig.replace(parameters=params)
     leaves, spec = flatten_inputs(sig_noself, args, kwargs)
-    names: list[str | None] = []
-    used: set[str] = set()
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
-            nm = f"in_{i}"
-            # readable names: the argument's path
-            names.append(nm)
-            used.add(nm)
-        else:
-            names.append(None)
+    names = [f"in_{i}" if isinstance(leaf, torch.Tensor) else None for i, leaf in enumerate(leaves)]
     tracer = ValueTracer(blocks, {})
     out_box: dict[str, Any] = {}
-    was_training = model.training
     try:
         with torch.no_grad():
             graph = tracer.trace(
@@ -416,8 +406,6 @@ def capture(model: torch.nn.Module, blocks: list[str], args: tuple = (), kwargs:
             "must be inside a block. Pass blocks=[...] (or maskc.blocks(model, types=...)) so that "
             "the offending module is a block, or report the construct."
         ) from e
-    finally:
-        model.train(was_training)
     for b in blocks:
         n = tracer.block_calls.get(b, 0)
         if n != 1:

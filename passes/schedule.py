@@ -31,7 +31,6 @@ class Schedule:
 
     steps: list[StepGraph]  # steps[i] is the graph of step i (shared objects where equal)
     drop_after: list[tuple[str, ...]]  # cache entries to free once step i finishes
-    peak_entries: int  # most values held in the cache at once
 
 
 def check_reads_filled(bits: torch.Tensor, names: list[str]) -> None:
@@ -88,17 +87,8 @@ def schedule(capture, bits: torch.Tensor, names: list[str]) -> Schedule:
     drops: list[list[str]] = [[] for _ in range(T)]
     for (b, _w), r in last_read.items():
         drops[r].append(b)
-    # Peak entries alive at once, counting an entry from its write to its last read.
-    alive = 0
-    peak = 0
-    for i in range(T):
-        sg = steps[i]
-        assert sg is not None
-        alive += len(sg.writes)
-        peak = max(peak, alive)
-        alive -= len(drops[i])
     drop_after = [tuple(sorted(d, key=order.index)) for d in drops]
-    return Schedule(steps=[s for s in steps if s is not None], drop_after=drop_after, peak_entries=peak)
+    return Schedule(steps=[s for s in steps if s is not None], drop_after=drop_after)
 
 
 def cache_timeline(sched: Schedule, nbytes: dict[str, int]) -> list[int]:

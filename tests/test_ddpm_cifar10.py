@@ -10,8 +10,7 @@ from diffusers import UNet2DModel
 import maskc
 from archs import randomize
 from maskc.models.configs import DDPM_CIFAR10
-from reference import HookReference
-from test_equivalence import Case, leaves_equal, trajectory
+from test_equivalence import Case, leaves_equal, reference_outputs, trajectory
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,6 @@ def test_capture_rewrite_time_and_exactness(ddpm) -> None:
     tm = maskc.compile(ddpm, maskc.Mask(bits, names), example_args=(torch.randn(1, 3, 32, 32), torch.tensor(999)))
     elapsed = time.perf_counter() - t0
     assert elapsed < 10.0, f"capture + rewrite took {elapsed:.1f} s"
-    ref = HookReference(ddpm, bits, names)
-    try:
-        expected = [o for _, o in trajectory(case, ref, steps)]
-    finally:
-        ref.close()
+    expected = reference_outputs(case, bits, names, steps)
     for i, (_, out) in enumerate(trajectory(case, tm, steps)):
         assert leaves_equal(out, expected[i]), f"step {i}"

@@ -28,6 +28,15 @@ def trajectory(case: Case, fn, steps: int, seed: int = 0):
         x = sched.step(case.eps(out), t, x).prev_sample
 
 
+def reference_outputs(case: Case, bits: torch.Tensor, names: list[str], steps: int) -> list:
+    """Outputs of the hook reference of mask ``bits`` along the DDIM trajectory of ``case``."""
+    ref = HookReference(case.model, bits, names)
+    try:
+        return [out for _, out in trajectory(case, ref, steps)]
+    finally:
+        ref.close()
+
+
 def leaves_equal(a, b) -> bool:
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
@@ -44,11 +53,7 @@ def test_masked_steps_equal_reference(family: str, data) -> None:
     steps = data.draw(st.integers(2, 6), label="steps")
     bits = random_bits(data.draw, steps, len(names))
     mask = maskc.Mask(bits, names)
-    ref = HookReference(case.model, bits, names)
-    try:
-        expected = [out for _, out in trajectory(case, ref, steps)]
-    finally:
-        ref.close()
+    expected = reference_outputs(case, bits, names, steps)
     tm = maskc.compile(case.model, mask)
     for i, (_, out) in enumerate(trajectory(case, tm, steps)):
         assert leaves_equal(out, expected[i]), f"step {i} differs; mask row {bits[i].int().tolist()}"
@@ -111,11 +116,7 @@ def test_coarse_blocks_equal_reference(family: str, data) -> None:
     names = maskc.blocks(m, names=names)
     steps = data.draw(st.integers(2, 5), label="steps")
     bits = random_bits(data.draw, steps, len(names))
-    ref = HookReference(m, bits, names)
-    try:
-        expected = [out for _, out in trajectory(case, ref, steps)]
-    finally:
-        ref.close()
+    expected = reference_outputs(case, bits, names, steps)
     tm = maskc.compile(m, maskc.Mask(bits, names))
     for i, (_, out) in enumerate(trajectory(case, tm, steps)):
         assert leaves_equal(out, expected[i]), f"step {i} differs; mask row {bits[i].int().tolist()}"

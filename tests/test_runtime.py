@@ -121,12 +121,16 @@ def test_cache_frees_after_last_read(unet) -> None:
     assert tm.peak_cache_entries == 1
 
 
-def test_data_dependent_control_flow_named() -> None:
-    class M(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+class TwoLinear(torch.nn.Module):
+    """Blocks ``a`` and ``b``; subclasses write the glue between them."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+
+def test_data_dependent_control_flow_named() -> None:
+    class M(TwoLinear):
         def forward(self, x):
             h = self.a(x)
             if h.mean() > 0:
@@ -139,11 +143,7 @@ def test_data_dependent_control_flow_named() -> None:
 
 
 def test_inplace_mutation_of_block_output_refused() -> None:
-    class M(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
+    class M(TwoLinear):
         def forward(self, x):
             h = self.a(x)
             h += 1
