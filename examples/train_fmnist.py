@@ -1,20 +1,22 @@
-"""Train a small DDPM U-Net (the google/ddpm-cifar10-32 topology at reduced width) on Fashion-MNIST.
+"""Train a small DDPM U-Net (the google/ddpm-cifar10-32 topology at reduced width), or a
+class-conditional DiT (``--arch dit``, diffusers' DiTTransformer2DModel), on Fashion-MNIST.
 
 Data: Debian's ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``),
 28x28 images scaled to [-1, 1] and padded to 32x32 with the background value.
-Training: epsilon prediction, DDPMScheduler (1000 linear-beta steps), AdamW, EMA of
+Training: epsilon prediction (the DiT also gets the class label, dropped to the null
+label 10% of the time so that classifier-free guidance works), DDPMScheduler (1000 linear-beta steps), AdamW, EMA of
 the weights, time-bounded (``--minutes``). Writes a diffusers folder
 (``save_pretrained``: config.json + safetensors, EMA weights, float16 if asked) and a
 model card (``MODEL_CARD.md`` + ``training.json``: data, steps, seed, loss).
 
 Usage: python examples/train_fmnist.py --out maskc/models/weights/fmnist-unet --minutes 50
+       python examples/train_fmnist.py --arch dit --out maskc/models/weights/fmnist-dit --minutes 65 --threads 1 --lr 3e-4
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import gzip
 import json
 import math
 import os
@@ -23,35 +25,15 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
-from maskc.models.configs import ddpm_cifar10
-
-DATA = "/usr/share/datasets/fashion-mnist"
-
-
-def load_images(split: str = "train", root: str = DATA) -> torch.Tensor:
-    """Fashion-MNIST images as float32 [N, 1, 32, 32] in [-1, 1], padded with -1."""
-    name = "train-images-idx3-ubyte.gz" if split == "train" else "t10k-images-idx3-ubyte.gz"
-    path = os.path.join(root, name)
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: apt-get install -y dataset-fashion-mnist")
-    with gzip.open(path, "rb") as f:
-        data = np.frombuffer(f.read(), dtype=np.uint8, offset=16)
-    x = torch.from_numpy(data.copy()).reshape(-1, 1, 28, 28).float() / 127.5 - 1.0
-    return F.pad(x, (2, 2, 2, 2), value=-1.0)
-
-
-def load_labels(split: str = "train", root: str = DATA) -> torch.Tensor:
-    name = "train-labels-idx1-ubyte.gz" if split == "train" else "t10k-labels-idx1-ubyte.gz"
-    with gzip.open(os.path.join(root, name), "rb") as f:
-        data = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
-    return torch.from_numpy(data.copy()).long()
-
+from maskc.data import load_images, load_labels
+from maskc.models.configs import FMNIST_DIT, ddpm_cifar10
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", choices=("unet", "dit"), default="unet")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--minutes", type=float, default=50)
     ap.add_argument("--batch", type=int, default=64)
@@ -64,8 +46,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     images = load_images("train")
-    cfg = ddpm_cifar10(width=a.width, in_channels=1)
-    model = UNet2DModel(**cfg)
+    labels = load_labels("train")
+    dit = a.arch == "dit"
+    model = DiTTransformer2DModel(**FMNIST_DIT) if dit else UNet2DModel(**ddpm_cifar10(width=a.width, in_channels=1))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -81,7 +64,8 @@ def main() -> None:
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (a.batch,), generator=g)
         xt = sched.add_noise(x0, noise, t)
-        loss = F.mse_loss(model(xt, t).sample, noise)
+        kw = {"class_labels": labels[idx]} if dit else {}  # DiT drops 10% to the null label itself
+        loss = F.mse_loss(model(xt, t, **kw).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,11 +86,15 @@ def main() -> None:
     save = ema.half() if a.fp16 else ema
     save.save_pretrained(a.out, safe_serialization=True)
     params = sum(p.numel() for p in model.parameters())
+    arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {FMNIST_DIT['num_layers']} layers, "
+            f"width {FMNIST_DIT['num_attention_heads'] * FMNIST_DIT['attention_head_dim']}, patch {FMNIST_DIT['patch_size']}"
+            if dit else "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width)
     info = {
-        "model": "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width,
+        "model": arch,
         "parameters": params,
         "data": "Fashion-MNIST train (60,000 images, Debian dataset-fashion-mnist), padded to 32x32, [-1, 1], random h-flip",
-        "objective": "epsilon prediction, DDPMScheduler 1000 steps, linear betas",
+        "objective": "epsilon prediction, DDPMScheduler 1000 steps, linear betas"
+        + (", class label dropped to the null label with p=0.1" if dit else ""),
         "optimizer": f"AdamW lr {a.lr} (500-step warm-up), batch {a.batch}, grad clip 1.0",
         "ema": a.ema,
         "steps": step,
@@ -122,13 +110,14 @@ def main() -> None:
         json.dump(info, f, indent=1)
     with open(os.path.join(a.out, "MODEL_CARD.md"), "w") as f:
         f.write(
-            f"# Fashion-MNIST DDPM U-Net (maskc)\n\n"
+            f"# Fashion-MNIST {'class-conditional DiT' if dit else 'DDPM U-Net'} (maskc)\n\n"
             f"- Architecture: {info['model']}, {params / 1e6:.2f}M parameters, 1 channel, 32x32.\n"
             f"- Data: {info['data']}.\n- Objective: {info['objective']}.\n- Optimizer: {info['optimizer']}; "
             f"EMA {a.ema} (weights shipped are the EMA).\n- Steps: {step} in {info['minutes']:.1f} min on "
             f"{a.threads} CPU threads; seed {a.seed}.\n- Final training loss (mean of the last 100 steps): "
             f"{info['final_loss_last100']:.4f}.\n- Stored as {info['dtype']} safetensors.\n\n"
-            f"Made by `python examples/train_fmnist.py --out {a.out} --width {a.width} --minutes {a.minutes:g}"
+            f"Made by `python examples/train_fmnist.py --arch {a.arch} --out {a.out}{'' if dit else f' --width {a.width}'} --minutes {a.minutes:g}"
+            f" --batch {a.batch} --lr {a.lr:g} --threads {a.threads}"
             f"{' --fp16' if a.fp16 else ''}` on {info['date']}.\n"
         )
     print(f"saved to {a.out}: {step} steps, loss {info['final_loss_last100']:.4f}")

@@ -4,7 +4,7 @@ The public names of SPEC.md; everything else lives in submodules.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 

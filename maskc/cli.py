@@ -1,6 +1,6 @@
 """The ``maskc`` command line. Subcommands wrap the public API.
 
-``demo`` and ``learn`` exist so far; ``compile``, ``sample``, ``bench`` and ``viz``
+``demo``, ``learn`` and ``bench`` exist so far; ``compile``, ``sample`` and ``viz``
 come with the issues that build them.
 """
 from __future__ import annotations
@@ -189,11 +189,15 @@ def learn_cmd(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
-    cond = None
+    cond = uncond = None
     if args.num_classes:
         cond = lambda n, g: {"class_labels": torch.randint(0, args.num_classes, (n,), generator=g)}  # noqa: E731
+        uncond = lambda n, g: {"class_labels": torch.full((n,), args.num_classes)}  # noqa: E731 - the null label
+    if args.guidance_scale is not None and not args.num_classes:
+        raise SystemExit("--guidance-scale needs --num-classes (the null label is class N)")
     mask = maskc.learn(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
-                       target=args.target, seed=args.seed, cond=cond, checkpoint_dir=args.checkpoint_dir,
+                       target=args.target, seed=args.seed, cond=cond, uncond=uncond,
+                       guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir,
                        batch=args.batch, iters=args.iters, sampling=args.sampling,
                        loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
     if not distributed or dist.get_rank() == 0:
@@ -201,6 +205,20 @@ def learn_cmd(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
     if distributed:
         dist.destroy_process_group()
+    return 0
+
+
+def bench_cmd(args: argparse.Namespace) -> int:
+    """Run ``maskc.bench.run_bench`` with the command line's settings."""
+    from maskc.bench import BenchConfig, run_bench
+
+    run_bench(BenchConfig(
+        model=args.model, steps=args.steps, n=args.n, batch=args.batch, targets=tuple(args.targets),
+        main_target=args.main_target, deepcache=tuple(args.deepcache), deepcache_nonuniform=tuple(args.deepcache_nonuniform),
+        fora=tuple(args.fora), random=not args.no_random, ablations=args.ablations, guidance_scale=args.guidance_scale,
+        time_batch=args.time_batch, time_reps=args.time_reps, memory=not args.no_memory, threads=args.threads,
+        time_threads=args.time_threads, phase=args.phase,
+        seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn))
     return 0
 
 
@@ -231,9 +249,36 @@ def main(argv: list[str] | None = None) -> int:
     ln.add_argument("--no-loss-scaling", action="store_true")
     ln.add_argument("--no-rectify", action="store_true")
     ln.add_argument("--num-classes", type=int, default=0, help="class-conditional: draw labels in [0, N)")
+    ln.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance (with --num-classes; label N is the null label)")
     ln.add_argument("--checkpoint-dir", default=None, help="resume from / save per-step progress here")
     ln.add_argument("--threads", type=int, default=2)
     ln.set_defaults(fn=learn_cmd)
+    b = sub.add_parser("bench", help="learned masks vs DeepCache / FORA / random schedules: tables and plots")
+    b.add_argument("--model", default="unet", help="unet, dit (the shipped models) or a diffusers folder")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--n", type=int, default=2000, help="samples per method")
+    b.add_argument("--batch", type=int, default=250)
+    b.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.55, 0.45])
+    b.add_argument("--main-target", type=float, default=0.55)
+    b.add_argument("--deepcache", type=int, nargs="*", default=[3, 5, 10], help="uniform intervals (U-Net)")
+    b.add_argument("--deepcache-nonuniform", type=int, nargs="*", default=[5])
+    b.add_argument("--fora", type=int, nargs="*", default=[2, 3], help="intervals (DiT)")
+    b.add_argument("--no-random", action="store_true")
+    b.add_argument("--ablations", action="store_true", help="also learn without loss scaling, rectification, Gumbel")
+    b.add_argument("--guidance-scale", type=float, default=2.0)
+    b.add_argument("--time-batch", type=int, default=64)
+    b.add_argument("--time-reps", type=int, default=5)
+    b.add_argument("--no-memory", action="store_true")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--time-threads", type=int, default=None, help="threads for the timing phase (default --threads)")
+    b.add_argument("--phase", choices=["all", "quality", "time"], default="all",
+                   help="quality: samples and scores only; time: wall time, memory, tables and plots from a quality run")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="benchmarks/results")
+    b.add_argument("--name", default="")
+    b.add_argument("--relearn", action="store_true", help="learn again even if a matching mask is in <out>/masks")
+    b.set_defaults(fn=bench_cmd)
     args = ap.parse_args(argv)
     return args.fn(args)
 

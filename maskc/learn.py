@@ -28,7 +28,7 @@ import inspect
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,6 +36,7 @@ import torch.utils._pytree as pytree
 
 from maskc.errors import MaskcError
 from maskc.mask import Mask
+from maskc.sampling import denoise, stack_kwargs
 
 __all__ = ["LearnConfig", "learn"]
 
@@ -58,6 +59,13 @@ class LearnConfig:
     sampling: str = "gumbel"
     gumbel_tau: float = 0.5
     loss_scaling: bool = True  # timestep-aware fidelity weights from delta
+    # "masked": steps are learned in order, and step i's cache holds what the masks
+    # already learned for steps < i would leave in it (stale outputs included), and the
+    # sparsity weight follows the remaining MACs budget step by step. "original": the
+    # paper's setting, each step independent with the original model's outputs of step
+    # i-1 as the cache (parallel over timesteps; blind to entries that go stale over
+    # several skipped steps, see benchmarks/results/bench_unet_ddim20_ablations.md).
+    cache: str = "masked"
     rectify: bool = True
     tolerance: float = 0.03  # final MACs within target +- tolerance
     round_size: int = 4  # steps per dual-ascent round (and per torchrun work split)
@@ -65,6 +73,8 @@ class LearnConfig:
     def validate(self) -> None:
         if not 0.0 < self.target <= 1.0:
             raise MaskcError(f"target must be in (0, 1], the fraction of MACs to keep; got {self.target}")
+        if self.cache not in ("masked", "original"):
+            raise MaskcError(f"cache must be 'masked' or 'original', got {self.cache!r}")
         if self.sampling not in ("stochastic", "gumbel"):
             raise MaskcError(f"sampling must be 'stochastic' or 'gumbel', got {self.sampling!r}")
         if self.batch < 1 or self.iters < 1 or self.round_size < 1:
@@ -80,13 +90,6 @@ def _timestep_kw(model: torch.nn.Module) -> str:
         f"cannot tell which argument of {type(model).__name__}.forward is the timestep "
         "(expected one named timestep, timesteps or t)"
     )
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-    raise MaskcError("the model returned no tensor")
 
 
 class _Mixer:
@@ -106,6 +109,12 @@ class _Mixer:
             if self.mode == "record":
                 self.record[name] = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
                 return None
+            if self.mode == "advance":  # a hard row: run blocks refresh the cache, skipped ones read it
+                assert self.m is not None
+                if bool(self.m[j] > 0.5):
+                    self.cache[name] = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+                    return None
+                return self.cache[name]
             if self.mode == "mix":
                 assert self.m is not None
                 mj = self.m[j]
@@ -148,13 +157,22 @@ def learn(
     target: float = 0.6,
     seed: int = 0,
     cond: Callable[[int, torch.Generator], dict] | None = None,
+    uncond: Callable[[int, torch.Generator], dict] | None = None,
+    guidance_scale: float | None = None,
     blocks: Sequence[str] | None = None,
     config: LearnConfig | None = None,
     checkpoint_dir: str | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> Mask:
-    """Learn a T x B mask keeping about ``target`` of the model's MACs (see the module docstring)."""
+    """Learn a T x B mask keeping about ``target`` of the model's MACs (see the module docstring).
+
+    ``cond(n, generator)`` gives the model kwargs of a batch of n (class labels,
+    ``encoder_hidden_states``...). With ``guidance_scale``, ``uncond(n, generator)``
+    gives the unconditional kwargs and every evaluation is classifier-free guided as
+    in diffusers pipelines: one model call on the stacked [cond; uncond] batch, and
+    fidelity is measured on the guided noise, the quantity the sampler uses.
+    """
     import maskc
 
     cfg = config or LearnConfig()
@@ -168,14 +186,20 @@ def learn(
     N = cfg.batch
     g = torch.Generator(device="cpu").manual_seed(seed)
     extra = dict(cond(N, g)) if cond is not None else {}
+    if guidance_scale is not None:
+        if uncond is None:
+            raise MaskcError("guidance_scale needs uncond: a callable (n, generator) -> the unconditional model kwargs")
+        call_kw = stack_kwargs(extra, dict(uncond(N, g)))
+    else:
+        call_kw = extra
     tkw = _timestep_kw(model)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     T = len(timesteps)
     x = torch.randn((N, *sample_shape), generator=g).to(device, dtype)
 
-    def call(xx: torch.Tensor, t: torch.Tensor) -> Any:
-        return model(xx, **{tkw: t.reshape(1).expand(N).to(device)}, **extra)
+    def call(xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoise(model, xx, t.to(device), call_kw, guidance_scale, timestep_kw=tkw)
 
     # Block set, MACs per block and the block graph (for rectification) from one example.
     ex_args, ex_kwargs = (x[:1],), {tkw: timesteps[0].reshape(1).to(device), **{k: _slice1(v) for k, v in extra.items()}}
@@ -194,10 +218,10 @@ def learn(
     with torch.no_grad():
         for t in timesteps:
             xs.append(x)
-            eps = _first_tensor(call(x, t))
+            eps = call(x, t)
             outs.append(eps)
             step_kw = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
-            x = scheduler.step(eps[:, : sample_shape[0]], t, x, **step_kw).prev_sample
+            x = scheduler.step(eps, t, x, **step_kw).prev_sample
     delta = torch.zeros(T)
     for i in range(1, T):
         delta[i] = ((outs[i] - outs[i - 1]).norm() / outs[i - 1].norm().clamp_min(1e-12)).item()
@@ -233,13 +257,25 @@ def learn(
             bar = tqdm(total=T, initial=len(state["scores"]), desc="maskc learn", unit="step")
         except ImportError:
             bar = None
+    def hard_frac(row: torch.Tensor) -> float:
+        return (float((macs * row.double()).sum()) + glue) / total
+
+    def advance(i: int, row: torch.Tensor) -> None:
+        """Masked mode: run step i with a hard row, so the cache holds what it will at inference."""
+        mixer.m, mixer.mode = row.to(device, dtype), "advance"
+        with torch.no_grad():
+            call(xs[i], timesteps[i])
+        mixer.mode = "off"
+
     def train_step(i: int, lam: float) -> tuple[list[float], float]:
         """Scores of step i, learned with sparsity weight ``lam``, and their expected MACs fraction."""
-        mixer.mode = "record"  # the cache: the original model's block outputs at step i-1
-        with torch.no_grad():
-            call(xs[i - 1], timesteps[i - 1])
-        mixer.cache = dict(mixer.record)
-        mixer.record = {}
+        if cfg.cache == "original":
+            mixer.mode = "record"  # the cache: the original model's block outputs at step i-1
+            with torch.no_grad():
+                call(xs[i - 1], timesteps[i - 1])
+            mixer.cache = dict(mixer.record)
+            mixer.record = {}
+        saved_cache = mixer.cache
         target_out = outs[i]
         scale = target_out.pow(2).mean().clamp_min(1e-12)
         gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
@@ -253,25 +289,52 @@ def learn(
                 hard = (u < s).float()
                 m = hard + s - s.detach()
             else:
-                u2 = torch.rand(len(names), generator=gi)
-                gumbel = torch.log(-torch.log(u2.clamp_min(1e-20)).clamp_min(1e-20)) - torch.log(
-                    -torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)
-                )
-                soft = torch.sigmoid((logits + gumbel) / cfg.gumbel_tau)
+                # Binary Gumbel-Softmax: the difference of two Gumbel variables is logistic noise.
+                uc = u.clamp(1e-6, 1 - 1e-6)
+                soft = torch.sigmoid((logits + torch.log(uc) - torch.log1p(-uc)) / cfg.gumbel_tau)
                 m = (soft > 0.5).float() + soft - soft.detach()
             mixer.m = m.to(device, dtype)
-            out = _first_tensor(call(xs[i], timesteps[i]))
+            out = call(xs[i], timesteps[i])
             fid = (out - target_out).pow(2).mean() / scale
             loss = weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
+            if not torch.isfinite(loss):
+                raise MaskcError(
+                    f"mask learning diverged at step {i}: the loss is {float(loss)} (fidelity {float(fid)}); "
+                    "check that the model's output is finite for the sampler's inputs, or lower lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         mixer.mode = "off"
+        mixer.cache = saved_cache
         s = torch.sigmoid(logits.detach())
         expected = (float((w_macs.double() * s.double()).sum() * macs.sum()) + glue) / total
         return [float(v) for v in s], expected
 
     try:
+        if cfg.cache == "masked":
+            # Steps in order; every process computes every step (the cache makes them
+            # sequential), so torchrun gives the same mask, without the speed-up.
+            done = len(state["scores"])
+            for k in range(done):  # replay the hard rows learned so far (resume)
+                advance(k, torch.ones(len(names)) if k == 0 else torch.tensor(state["scores"][k]) > 0.5)
+            while len(state["scores"]) < T:
+                i = len(state["scores"])
+                lam = float(state["lam"])
+                sc, _ = train_step(i, lam)
+                row = torch.tensor(sc) > 0.5
+                advance(i, row)
+                state["scores"].append(sc)
+                spent = sum(hard_frac(torch.ones(len(names)) if k == 0 else torch.tensor(state["scores"][k]) > 0.5)
+                            for k in range(i + 1))
+                # dual ascent toward the per-step fraction the remaining steps may still use
+                need = (cfg.target * T - (spent - hard_frac(row))) / (T - i)
+                state["lam"] = max(0.0, lam + cfg.lam_lr * (hard_frac(row) - min(max(need, 0.0), 1.0)))
+                if ckpt is not None and rank == 0:
+                    _atomic_json(ckpt, {"key": key, "state": state})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{hard_frac(row):.2f}")
         # Rounds of ``round_size`` steps share one sparsity weight; lam is updated by dual
         # ascent after each round. The rounds do not depend on the number of processes, so
         # torchrun with any --nproc-per-node gives the mask one process gives.
@@ -319,9 +382,13 @@ def learn(
     # counted by FlopCounterMode on the compiled mask (so glue that dies with the blocks
     # it fed is counted), grow with k: binary-search the k closest to the target.
     full_flops = measured_flops(model, None, ex_args, ex_kwargs, tkw, ex_t)
+    # In masked mode the runs the steps chose (score > 0.5) come first, so k near their
+    # count reproduces the learned rows and the search only trims or adds marginal runs.
+    first = (scores > 0.5) if cfg.cache == "masked" else torch.zeros_like(scores, dtype=torch.bool)
     order = sorted(
         ((i, j) for i in range(1, T) for j in range(len(names))),
-        key=lambda ij: (-float(scores[ij[0], ij[1]]), -float(weights[ij[0]]), float(macs[ij[1]])),
+        key=lambda ij: (not bool(first[ij[0], ij[1]]), -float(scores[ij[0], ij[1]]), -float(weights[ij[0]]),
+                        float(macs[ij[1]])),
     )
     measured: dict[int, tuple[torch.Tensor, float]] = {}
 
@@ -361,6 +428,7 @@ def learn(
                 "delta": [float(v) for v in delta],
                 "loss_weights": [float(v) for v in weights],
                 "macs_fraction": frac,
+                "guidance_scale": guidance_scale,
             },
         },
     )

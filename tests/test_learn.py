@@ -138,3 +138,57 @@ def test_torchrun_two_processes_same_mask(tmp_path) -> None:
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert maskc.Mask.load(tmp_path / "one.json") == maskc.Mask.load(tmp_path / "two.json")
+
+
+class TwoBranches(torch.nn.Module):
+    """Two equal-MACs blocks: ``loud`` dominates the output, ``quiet`` barely touches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = torch.nn.Linear(16, 16)
+        self.quiet = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h = x + torch.sin(timestep.float() / 50.0)[:, None]
+        return 3.0 * torch.tanh(self.loud(h)) + 1e-3 * self.quiet(h)
+
+
+def test_learning_keeps_the_block_that_matters(tmp_path) -> None:
+    """The fidelity term decides: at ~half the MACs the quiet block is skipped, the loud one kept,
+    and every learned score is finite (a NaN in Gumbel sampling once made the ranking positional)."""
+    for sampling in ("gumbel", "stochastic"):
+        ck = tmp_path / sampling
+        mask = maskc.learn(TwoBranches(), DDIMScheduler(num_train_timesteps=1000), steps=6, sample_shape=(16,),
+                           target=0.6, seed=0, blocks=["loud", "quiet"], progress=False, iters=20, batch=4,
+                           sampling=sampling, checkpoint_dir=str(ck))
+        scores = torch.tensor(json.loads((ck / "learn_state.json").read_text())["state"]["scores"])
+        assert torch.isfinite(scores).all()
+        loud, quiet = int(mask.bits[1:, 0].sum()), int(mask.bits[1:, 1].sum())
+        if sampling == "gumbel":  # the default: exactly the right choice
+            assert quiet == 0 and loud == 5, mask.bits.int().tolist()
+        else:  # Bernoulli sampling is noisier (as the ablation finds), still clearly right
+            assert loud >= quiet + 2, mask.bits.int().tolist()
+
+
+def test_classifier_free_guidance() -> None:
+    """With guidance, learning sees the stacked [cond; uncond] batch and the guided noise."""
+    from diffusers import DiTTransformer2DModel
+
+    m = randomize(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2,
+                                        sample_size=8, patch_size=2, num_embeds_ada_norm=10), 0)
+    seen: list[torch.Tensor] = []
+    h = m.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["class_labels"].clone()), with_kwargs=True)
+    try:
+        mask = maskc.learn(m, DDIMScheduler(num_train_timesteps=1000), steps=4, sample_shape=(1, 8, 8), target=0.6,
+                           seed=0, progress=False, iters=3, batch=2,
+                           cond=lambda n, g: {"class_labels": torch.arange(n) % 10},
+                           uncond=lambda n, g: {"class_labels": torch.full((n,), 10)}, guidance_scale=3.0)
+    finally:
+        h.remove()
+    assert any(torch.equal(lab, torch.tensor([0, 1, 10, 10])) for lab in seen)
+    assert mask.meta["provenance"]["guidance_scale"] == 3.0
+    with pytest.raises(maskc.MaskcError, match="uncond"):
+        maskc.learn(m, DDIMScheduler(num_train_timesteps=1000), steps=4, sample_shape=(1, 8, 8), target=0.6,
+                    progress=False, iters=1, batch=2, cond=lambda n, g: {"class_labels": torch.zeros(n, dtype=torch.long)},
+                    guidance_scale=2.0)

@@ -33,3 +33,18 @@ def ddpm_cifar10(width: int = 128, in_channels: int = 3, **overrides) -> dict:
     cfg["in_channels"] = cfg["out_channels"] = in_channels
     cfg.update(overrides)
     return cfg
+
+
+# The class-conditional DiT trained on Fashion-MNIST (examples/train_fmnist.py --arch dit):
+# DiT's topology (adaLN-Zero, learned label embedding with a null class for
+# classifier-free guidance) at 6 layers x 128 wide, patch 4 on 32x32 (64 tokens).
+FMNIST_DIT: dict = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_layers": 6,
+    "sample_size": 32,
+    "patch_size": 4,
+    "num_embeds_ada_norm": 10,  # classes; label 10 is the null (unconditional) label
+}
