@@ -18,7 +18,24 @@ from diffusers import DDIMScheduler, UNet2DModel
 import maskc
 from maskc.learn import measured_flops
 
-from bench_learn import psnr, sample  # noqa: E402  (same folder)
+
+
+def sample(fn, x0: torch.Tensor, T: int, reset=None) -> torch.Tensor:
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(T)
+    if reset:
+        reset()
+    x = x0.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = fn(x, t).sample
+            x = sched.step(eps, t, x).prev_sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
 
 
 def main() -> None:

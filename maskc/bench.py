@@ -99,7 +99,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     n_classes = getattr(c, "num_embeds_ada_norm", None) if type(model).__name__ == "DiTTransformer2DModel" else None
     conditional = n_classes is not None
     guidance = cfg.guidance_scale if conditional else None
-    name = cfg.name or f"bench_{cfg.model if cfg.model in SHIPPED else os.path.basename(path.rstrip('/'))}_ddim{T}"
+    stem = f"bench_{cfg.model if cfg.model in SHIPPED else os.path.basename(path.rstrip('/'))}_ddim{T}"
+    name = cfg.name or stem  # masks are stored under the stem, so runs with other names reuse them
     os.makedirs(os.path.join(cfg.out, "masks"), exist_ok=True)
     json_path = os.path.join(cfg.out, f"{name}.json")
 
@@ -130,7 +131,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         def learned(target: float, label: str, **kw: Any) -> None:
             key = {"target": target, "steps": T, "seed": cfg.seed, "guidance_scale": guidance, **cfg.learn_kwargs, **kw}
             tag = "_".join(f"{k}-{v}" for k, v in sorted(kw.items()))
-            fpath = os.path.join(cfg.out, "masks", f"{name}_learned_{target:g}{'_' + tag if tag else ''}.json")
+            fpath = os.path.join(cfg.out, "masks", f"{stem}_learned_{target:g}{'_' + tag if tag else ''}.json")
             mask = None
             if cfg.reuse_masks and os.path.exists(fpath):
                 m = maskc.Mask.load(fpath)
@@ -148,7 +149,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 secs = time.perf_counter() - t0
                 mask.meta["provenance"].update({"learning_seconds": secs, "bench_key": key})
                 mask.save(fpath)
-            methods.append({"method": label, "family": "maskc" if not kw else "maskc ablation", "mask": mask,
+            methods.append({"method": label, "family": "maskc" if not kw and label.startswith("maskc") else "maskc ablation",
+                        "mask": mask,
                             "learning_s": secs, "target": target, "file": os.path.relpath(fpath, cfg.out)})
 
         for tgt in cfg.targets:
@@ -157,6 +159,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             learned(cfg.main_target, f"ablation: stochastic sampling (paper), target {cfg.main_target:g}", sampling="stochastic")
             learned(cfg.main_target, f"ablation: no loss scaling, target {cfg.main_target:g}", loss_scaling=False)
             learned(cfg.main_target, f"ablation: no rectification, target {cfg.main_target:g}", rectify=False)
+            learned(cfg.main_target, f"ablation: paper's cache (original outputs of step i-1), target {cfg.main_target:g}",
+                    cache="original")
 
         # 2. Peers as masks.
         is_unet = any(n.startswith("up_blocks.") for n in names)

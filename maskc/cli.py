@@ -11,70 +11,67 @@ import sys
 import time
 
 
-SHIPPED = "models/weights/fmnist-unet"
+SHIPPED = {"unet": "models/weights/fmnist-unet", "dit": "models/weights/fmnist-dit"}
 
 
-def _shipped_dir() -> str | None:
+def _shipped_dir(which: str = "unet") -> str | None:
     import os
 
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED)
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[which])
     return d if os.path.exists(os.path.join(d, "config.json")) else None
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The shipped Fashion-MNIST U-Net with its learned mask: samples, PSNR, MACs, wall time, a picture."""
-    if args.random_ddpm or _shipped_dir() is None:
+    """A shipped Fashion-MNIST model with its learned mask: samples, PSNR, MACs, wall time, a picture."""
+    if args.random_ddpm or _shipped_dir(args.model) is None:
         return demo_random(args)
     import os
 
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
     from PIL import Image
 
     import maskc
-    from maskc.learn import measured_flops
+    from maskc.bench import _load
+    from maskc.eval import fidelity, generation_macs, interleaved_times
+    from maskc.sampling import generate, stack_kwargs
 
     torch.set_num_threads(args.threads)
-    d = _shipped_dir()
+    d = _shipped_dir(args.model)
     assert d is not None
-    model = UNet2DModel.from_pretrained(d).float().eval()
+    model, _ = _load(args.model)
     T = 20
-    mask_path = os.path.join(d, "mask_ddim20.json")
-    mask = maskc.Mask.load(mask_path)
+    mask = maskc.Mask.load(os.path.join(d, "mask_ddim20.json"))
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(T)
     mask.check(model, sched)
     print(f"shipped model: {d} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters); mask: {mask}")
     tm = maskc.compile(model, mask)
     ts = [t.reshape(1) for t in sched.timesteps]
-    ex = (torch.zeros(1, 1, 32, 32),)
-    frac = measured_flops(model, mask, ex, {"timestep": ts[0]}, "timestep", ts) / measured_flops(
-        model, None, ex, {"timestep": ts[0]}, "timestep", ts)
-    x0 = torch.randn(args.n, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    c = model.config
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    kwargs, guidance, ex_kw = {}, None, {}
+    if args.model == "dit":  # class-conditional: labels 0..9 in turn, classifier-free guidance
+        y = torch.arange(args.n) % c.num_embeds_ada_norm
+        kwargs = stack_kwargs({"class_labels": y}, {"class_labels": torch.full_like(y, c.num_embeds_ada_norm)})
+        guidance, ex_kw = mask.meta["provenance"].get("guidance_scale") or 2.0, {"class_labels": y[:1]}
+    ex = (torch.zeros(1, *shape),)
+    frac = generation_macs(model, mask, ex, {**ex_kw, "timestep": ts[0]}, "timestep", ts) / generation_macs(
+        model, None, ex, {**ex_kw, "timestep": ts[0]}, "timestep", ts)
+    x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    out: dict[str, torch.Tensor] = {}
 
-    def run(fn):
-        x = x0.clone()
-        with torch.no_grad():
-            for t in sched.timesteps:
-                x = sched.step(fn(x, t).sample, t, x).prev_sample
-        return ((x + 1) / 2).clamp(0, 1)
+    def run(name: str) -> None:
+        fn = model if name == "original" else tm
+        out[name] = generate(fn, sched, x0, T, kwargs, guidance, reset=None if name == "original" else tm.reset)
 
-    times: dict[str, list[float]] = {"original": [], "maskc": []}
-    for k in range(args.reps):
-        for name in (("original", "maskc") if k % 2 == 0 else ("maskc", "original")):
-            tm.reset()
-            t0 = time.perf_counter()
-            out = run(model if name == "original" else tm)
-            times[name].append(time.perf_counter() - t0)
-            if name == "original":
-                ref = out
-            else:
-                got = out
-    mse = (ref - got).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = float((10 * torch.log10(1 / mse)).mean())
+    times = interleaved_times({"original": lambda: run("original"), "maskc": lambda: run("maskc")}, args.reps, warmup=0)
+    ref, got = out["original"], out["maskc"]
+    f = fidelity(got, ref)
     o, m = statistics.median(times["original"]), statistics.median(times["maskc"])
-    print(f"MACs: {frac:.3f} of the original ({1 / frac:.2f}x fewer); PSNR vs the original's samples: {psnr:.2f} dB")
+    print(f"MACs: {frac:.3f} of the original ({1 / frac:.2f}x fewer); vs the original's samples: "
+          f"PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.3f}")
     print(f"wall time per generation of {args.n} (median of {args.reps}, {args.threads} threads): "
           f"original {o:.2f} s, maskc {m:.2f} s, speed-up {o / m:.2f}x")
     grid = torch.cat([torch.cat(list(ref[:, 0]), dim=1), torch.cat(list(got[:, 0]), dim=1)], dim=0)
@@ -225,13 +222,15 @@ def bench_cmd(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskc", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="compile a mask for the DDPM-CIFAR10 U-Net and measure it")
+    d = sub.add_parser("demo", help="a shipped model with and without its learned mask: MACs, PSNR, time, a picture")
     d.add_argument("--steps", type=int, default=10, help="(random-weights demo) DDIM steps")
     d.add_argument("--reps", type=int, default=3)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--n", type=int, default=8, help="samples per generation")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="maskc_demo.png")
+    d.add_argument("--model", choices=sorted(SHIPPED), default="unet",
+                   help="the shipped Fashion-MNIST U-Net, or the class-conditional DiT (labels 0..9, CFG)")
     d.add_argument("--random-ddpm", action="store_true",
                    help="the 35.7M DDPM-CIFAR10 topology with random weights instead of the shipped model")
     d.set_defaults(fn=demo)

@@ -1,26 +1,32 @@
 """Mask learning: the paper's per-timestep optimization, with a MACs budget.
 
 For a frozen backbone and a scheduler, run the original sampler from Gaussian noise
-once (no data set needed). Then, for each step i >= 1 independently, learn a score
-s[i, b] in [0, 1] per block: the masked forward mixes each block's fresh output with
-the original model's output of that block at step i-1 (the cache), using a binary
-mask sampled from s (stochastic, straight-through gradient; Gumbel-Softmax as an
-option). The loss is
+once (no data set needed). Then, for each step i >= 1, learn a score s[i, b] in
+[0, 1] per block: the masked forward mixes each block's fresh output with its cached
+output using a binary mask sampled from s (Gumbel-Softmax or Bernoulli, straight-
+through gradient). The loss is
 
     w[i] * fidelity(masked output, original output)
     + lam * sum_b macs_b * s_b / sum_b macs_b     (L1 sparsity, MACs-weighted)
     + beta * mean_b s_b (1 - s_b)                 (bimodal: pushes s to 0 or 1)
 
 where w[i] is the timestep-aware scaling from delta[i], the change of the original
-output between consecutive steps (sensitive steps keep fidelity), and lam follows
-dual ascent on the MACs budget across rounds of steps. Only one step's graph is
-back-propagated, so memory is flat in T. Row 0 always runs every block. Afterwards
-the runs are ranked by score, and the number kept is chosen so that the rectified
+output between consecutive steps (sensitive steps keep fidelity). Only one step's
+graph is back-propagated, so memory is flat in T. Row 0 always runs every block.
+
+The cache (``LearnConfig.cache``): "masked" (default) learns the steps in order and
+gives step i the cache the rows already learned would leave, stale entries included;
+lam is a dual variable on the remaining MACs budget, updated after each step.
+"original" is the paper's setting: steps independent, the cache is the original
+model's block outputs at step i-1, lam updated by dual ascent per round of steps.
+
+Afterwards the runs are ranked and the number kept is chosen so that the rectified
 mask's MACs, counted by FlopCounterMode on the compiled mask, are closest to the
 budget.
 
-Invariants: deterministic for a given seed; a run with ``checkpoint_dir`` saves each
-finished step atomically and a rerun resumes with the same result.
+Invariants: deterministic for a given seed; scores are finite (a non-finite loss
+raises); a run with ``checkpoint_dir`` saves each finished step atomically and a
+rerun resumes with the same result.
 """
 from __future__ import annotations
 
@@ -54,8 +60,7 @@ class LearnConfig:
     lam: float = 0.5  # initial sparsity weight
     lam_lr: float = 2.0  # dual ascent rate on (expected MACs fraction - target)
     # "gumbel" (Gumbel-Softmax, straight-through) or "stochastic" (Bernoulli from s, the
-    # paper's choice). On our Fashion-MNIST U-Net at 0.6 MACs, Gumbel gave 22.3 dB PSNR
-    # against 17.0 dB (benchmarks/results/learn_vs_deepcache.md), so it is the default.
+    # paper's choice); compared in benchmarks/results/bench_unet_ddim20_ablations.md.
     sampling: str = "gumbel"
     gumbel_tau: float = 0.5
     loss_scaling: bool = True  # timestep-aware fidelity weights from delta

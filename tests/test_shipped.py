@@ -22,19 +22,25 @@ def test_shipped_model_and_mask_are_exact() -> None:
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(20)
     mask.check(model, sched)
-    assert abs(mask.meta["provenance"]["macs_fraction"] - 0.6) <= 0.03
+    prov = mask.meta["provenance"]
+    assert abs(prov["macs_fraction"] - prov["config"]["target"]) <= 0.03
     x0 = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    # the reference's hooks sit on the model's blocks, which the step graphs call too:
+    # run the whole reference trajectory first, then maskc on the same inputs
     ref = HookReference(model, mask.bits, mask.names)
-    tm = maskc.compile(model, mask)
-    x = y = x0
+    xs, want = [], []
+    x = x0
     try:
         for t in sched.timesteps:
-            a, b = ref(x, t).sample, tm(y, t).sample
-            assert torch.equal(a, b)
-            x = sched.step(a, t, x).prev_sample
-            y = x
+            xs.append(x)
+            want.append(ref(x, t).sample)
+            x = sched.step(want[-1], t, x).prev_sample
     finally:
         ref.close()
+    tm = maskc.compile(model, mask)
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            assert torch.equal(tm(xs[i], t).sample, want[i]), f"step {i}"
 
 
 def test_demo_runs(tmp_path) -> None:
