@@ -293,16 +293,28 @@ def _slug(s: str) -> str:
 
 
 def _command(cfg: BenchConfig) -> str:
-    parts = [f"maskc bench --model {cfg.model} --steps {cfg.steps} --n {cfg.n} --threads {cfg.threads}",
-             "--targets " + " ".join(f"{t:g}" for t in cfg.targets), f"--main-target {cfg.main_target:g}"]
+    """The command line that reproduces ``cfg`` (every setting that differs from the defaults)."""
+    d = BenchConfig()
+    flags = {"steps": "--steps", "n": "--n", "batch": "--batch", "targets": "--targets", "main_target": "--main-target",
+             "deepcache": "--deepcache", "deepcache_nonuniform": "--deepcache-nonuniform", "fora": "--fora",
+             "guidance_scale": "--guidance-scale", "time_batch": "--time-batch", "time_reps": "--time-reps",
+             "threads": "--threads", "time_threads": "--time-threads", "seed": "--seed", "name": "--name"}
+    parts = [f"maskc bench --model {cfg.model}"]
+    for k, flag in flags.items():
+        v, dv = getattr(cfg, k), getattr(d, k)
+        same = (tuple(v) == tuple(dv)) if isinstance(v, (list, tuple)) else v == dv
+        if not same:
+            parts.append(f"{flag} " + (" ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+                                       if isinstance(v, (list, tuple)) else (f"{v:g}" if isinstance(v, float) else str(v))))
+    for k, flag in (("random", "--no-random"), ("memory", "--no-memory")):
+        if not getattr(cfg, k):
+            parts.append(flag)
     if cfg.ablations:
         parts.append("--ablations")
-    parts.append(f"--time-batch {cfg.time_batch} --time-reps {cfg.time_reps}")
-    if cfg.time_threads:
-        parts.append(f"--time-threads {cfg.time_threads}")
+    cmd = " ".join(parts)
     if cfg.phase != "all":
-        parts.append("--phase quality`, then the same with `--phase time")
-    return " ".join(parts)
+        return f"{cmd} --phase quality`, then `{cmd} --phase time"
+    return cmd
 
 
 def _plots(res: dict, mask: Any, out: str, name: str) -> list[str]:
