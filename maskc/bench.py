@@ -30,9 +30,6 @@ import torch
 
 __all__ = ["BenchConfig", "run_bench"]
 
-SHIPPED = {"unet": "fmnist-unet", "dit": "fmnist-dit"}
-
-
 @dataclass
 class BenchConfig:
     model: str = "unet"  # "unet", "dit" (shipped) or a diffusers folder
@@ -60,22 +57,6 @@ class BenchConfig:
     learn_kwargs: dict = field(default_factory=dict)
 
 
-def _load(model: str) -> tuple[torch.nn.Module, str]:
-    from diffusers import DiTTransformer2DModel, UNet2DModel
-
-    path = model
-    if model in SHIPPED:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "weights", SHIPPED[model])
-    with open(os.path.join(path, "config.json")) as f:
-        cls = json.load(f)["_class_name"]
-    klass = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}.get(cls)
-    if klass is None:
-        from maskc.errors import MaskcError
-
-        raise MaskcError(f"maskc bench knows UNet2DModel and DiTTransformer2DModel folders; {path} holds a {cls}")
-    return klass.from_pretrained(path).float().eval(), path
-
-
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark described by ``cfg``; returns the result dict written to JSON."""
     from diffusers import DDIMScheduler
@@ -84,6 +65,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     from maskc import schedules
     from maskc.eval import (FMNISTFeatures, fidelity, generation_macs, interleaved_times, peak_memory,
                             summarize_times)
+    from maskc.models.shipped import SHIPPED, load_pretrained
     from maskc.sampling import generate, stack_kwargs
 
     if cfg.phase not in ("all", "quality", "time"):
@@ -91,7 +73,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         raise MaskcError(f"phase must be 'all', 'quality' or 'time'; got {cfg.phase!r}")
     torch.set_num_threads(cfg.threads)
-    model, path = _load(cfg.model)
+    model, path = load_pretrained(cfg.model)
+    model.float()
+    if type(model).__name__ not in ("UNet2DModel", "DiTTransformer2DModel"):
+        from maskc.errors import MaskcError
+
+        raise MaskcError(f"maskc bench knows UNet2DModel and DiTTransformer2DModel folders; {path} holds a "
+                         f"{type(model).__name__}")
     T = cfg.steps
     sched = DDIMScheduler(num_train_timesteps=1000)
     c = model.config
@@ -149,8 +137,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 secs = time.perf_counter() - t0
                 mask.meta["provenance"].update({"learning_seconds": secs, "bench_key": key})
                 mask.save(fpath)
-            methods.append({"method": label, "family": "maskc" if not kw and label.startswith("maskc") else "maskc ablation",
-                        "mask": mask,
+            methods.append({"method": label, "family": "maskc" if not kw else "maskc ablation", "mask": mask,
                             "learning_s": secs, "target": target, "file": os.path.relpath(fpath, cfg.out)})
 
         for tgt in cfg.targets:
@@ -201,7 +188,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 r["class_accuracy"] = feats.accuracy(images, labels)
             return r
 
-        rows.append({"method": "original (full model)", "family": "original", "macs": full_macs, "macs_fraction": 1.0,
+        rows.append({"method": "original (full model)", "family": "original", "macs_fraction": 1.0,
                      "learning_s": None, **score(ref), "psnr": None, "ssim": None})
         log(str(rows[-1]))
         for m in methods:
@@ -209,7 +196,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             t0 = time.perf_counter()
             imgs = sample_all(tm, tm.reset)
             f = frac(m["mask"])
-            rows.append({"method": m["method"], "family": m["family"], "macs": int(round(f * full_macs)), "macs_fraction": f,
+            rows.append({"method": m["method"], "family": m["family"], "macs_fraction": f,
                          "learning_s": m.get("learning_s"), "target": m.get("target"), "mask_file": m.get("file"),
                          **score(imgs), **fidelity(imgs, ref)})
             log(f"{rows[-1]} ({time.perf_counter() - t0:.0f} s)")
@@ -231,7 +218,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         quality_date = None
     for r in rows:
         r["speedup_macs"] = 1 / r["macs_fraction"]
-        r.pop("macs", None)
     timed = cfg.phase != "quality"
     if timed:
         # 5. Wall time (interleaved) and peak memory at time_batch, from the saved masks.

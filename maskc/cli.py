@@ -10,20 +10,12 @@ import statistics
 import sys
 import time
 
-
-SHIPPED = {"unet": "models/weights/fmnist-unet", "dit": "models/weights/fmnist-dit"}
-
-
-def _shipped_dir(which: str = "unet") -> str | None:
-    import os
-
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED[which])
-    return d if os.path.exists(os.path.join(d, "config.json")) else None
+from maskc.models.shipped import SHIPPED, shipped_dir
 
 
 def demo(args: argparse.Namespace) -> int:
     """A shipped Fashion-MNIST model with its learned mask: samples, PSNR, MACs, wall time, a picture."""
-    if args.random_ddpm or _shipped_dir(args.model) is None:
+    if args.random_ddpm or shipped_dir(args.model) is None:
         return demo_random(args)
     import os
 
@@ -33,14 +25,13 @@ def demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import maskc
-    from maskc.bench import _load
     from maskc.eval import fidelity, generation_macs, interleaved_times
+    from maskc.models.shipped import load_pretrained
     from maskc.sampling import generate, stack_kwargs
 
     torch.set_num_threads(args.threads)
-    d = _shipped_dir(args.model)
-    assert d is not None
-    model, _ = _load(args.model)
+    model, d = load_pretrained(args.model)
+    model.float()
     T = 20
     mask = maskc.Mask.load(os.path.join(d, "mask_ddim20.json"))
     sched = DDIMScheduler(num_train_timesteps=1000)
@@ -146,21 +137,6 @@ def demo_random(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str):
-    """A diffusers model folder (config.json + weights), by the class its config names."""
-    import json
-    import os
-
-    import diffusers
-
-    with open(os.path.join(path, "config.json")) as f:
-        cls_name = json.load(f).get("_class_name")
-    cls = getattr(diffusers, cls_name or "", None)
-    if cls is None:
-        raise SystemExit(f"{path}/config.json names no diffusers model class ({cls_name!r})")
-    return cls.from_pretrained(path).eval()
-
-
 def _scheduler(name: str, train_steps: int):
     import diffusers
 
@@ -184,7 +160,9 @@ def learn_cmd(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    model = _load_model(args.model)
+    from maskc.models.shipped import load_pretrained
+
+    model, _ = load_pretrained(args.model)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
     cond = uncond = None

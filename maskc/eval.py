@@ -39,7 +39,6 @@ class FMNISTFeatures:
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
         self.fid = FrechetInceptionDistance(feature=self.clf, reset_real_features=False)
         self.real = (load_images("test") + 1) / 2
-        self._kid_real: list[torch.Tensor] = []
         for i in range(0, len(self.real), batch):
             self.fid.update(self.real[i:i + batch], real=True)
         self._make_kid = lambda n: KernelInceptionDistance(

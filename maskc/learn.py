@@ -97,6 +97,10 @@ def _timestep_kw(model: torch.nn.Module) -> str:
     )
 
 
+def _detached(out: Any) -> Any:
+    return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+
 class _Mixer:
     """Forward hooks, owned and removed by learn(): record block outputs, or mix them with a cache."""
 
@@ -112,12 +116,12 @@ class _Mixer:
     def _hook(self, j: int, name: str) -> Callable:
         def hook(_mod: Any, _a: Any, out: Any) -> Any:
             if self.mode == "record":
-                self.record[name] = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+                self.record[name] = _detached(out)
                 return None
             if self.mode == "advance":  # a hard row: run blocks refresh the cache, skipped ones read it
                 assert self.m is not None
                 if bool(self.m[j] > 0.5):
-                    self.cache[name] = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+                    self.cache[name] = _detached(out)
                     return None
                 return self.cache[name]
             if self.mode == "mix":
@@ -320,20 +324,20 @@ def learn(
         if cfg.cache == "masked":
             # Steps in order; every process computes every step (the cache makes them
             # sequential), so torchrun gives the same mask, without the speed-up.
-            done = len(state["scores"])
-            for k in range(done):  # replay the hard rows learned so far (resume)
-                advance(k, torch.ones(len(names)) if k == 0 else torch.tensor(state["scores"][k]) > 0.5)
+            def hard(k: int) -> torch.Tensor:  # row 0's stored scores are all 1.0
+                return torch.tensor(state["scores"][k]) > 0.5
+
+            for k in range(len(state["scores"])):  # replay the hard rows learned so far (resume)
+                advance(k, hard(k))
             while len(state["scores"]) < T:
                 i = len(state["scores"])
                 lam = float(state["lam"])
-                sc, _ = train_step(i, lam)
-                row = torch.tensor(sc) > 0.5
-                advance(i, row)
-                state["scores"].append(sc)
-                spent = sum(hard_frac(torch.ones(len(names)) if k == 0 else torch.tensor(state["scores"][k]) > 0.5)
-                            for k in range(i + 1))
                 # dual ascent toward the per-step fraction the remaining steps may still use
-                need = (cfg.target * T - (spent - hard_frac(row))) / (T - i)
+                need = (cfg.target * T - sum(hard_frac(hard(k)) for k in range(i))) / (T - i)
+                sc, _ = train_step(i, lam)
+                state["scores"].append(sc)
+                row = hard(i)
+                advance(i, row)
                 state["lam"] = max(0.0, lam + cfg.lam_lr * (hard_frac(row) - min(max(need, 0.0), 1.0)))
                 if ckpt is not None and rank == 0:
                     _atomic_json(ckpt, {"key": key, "state": state})

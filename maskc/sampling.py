@@ -9,6 +9,7 @@ are cut to the sample's channels.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -64,8 +65,6 @@ def generate(fn: Callable, scheduler: Any, noise: torch.Tensor, steps: int, kwar
     """Final samples in [0, 1] from ``noise`` (the scheduler is copied, never mutated)."""
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(steps)
-    import inspect
-
     step_kw = {"generator": generator} if generator is not None and "generator" in inspect.signature(sched.step).parameters else {}
     if reset is not None:
         reset()

@@ -9,10 +9,10 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import maskc
-from maskc.cli import _shipped_dir
+from maskc.models.shipped import shipped_dir
 from reference import HookReference
 
-D = _shipped_dir()
+D = shipped_dir()
 
 
 def test_shipped_model_and_mask_are_exact() -> None:
