@@ -1,24 +1,19 @@
-"""Hypothesis profiles: "ci" is derandomized and bounded so a red CI is a real bug;
-"dev" explores more (HYPOTHESIS_PROFILE=dev pytest)."""
+"""Hypothesis profiles. No test caps its own examples; the profile decides.
+
+- "ci" (the default): derandomized and bounded, so a red CI is a real bug.
+- "dev": random and several times more examples (HYPOTHESIS_PROFILE=dev pytest).
+- "mutation": like "ci" but without shrinking, for the planted-bug harness
+  (tests/mutation.py), where only "does some example fail" matters.
+"""
 import os
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
-settings.register_profile(
-    "ci",
-    deadline=None,
-    derandomize=True,
-    max_examples=40,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "dev",
-    deadline=None,
-    max_examples=60,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=25, **_common)
+settings.register_profile("dev", max_examples=150, **_common)
+settings.register_profile("mutation", derandomize=True, max_examples=25,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from diffusers import DDIMScheduler
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,7 +63,6 @@ def test_masked_steps_equal_reference(family: str, data) -> None:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @given(data=st.data())
-@settings(max_examples=4)
 def test_full_mask_reproduces_original(family: str, data) -> None:
     case = data.draw(FAMILIES[family](), label="case")
     names = maskc.blocks(case.model)
@@ -82,7 +81,6 @@ def _flops(fn, *args, **kwargs) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @given(data=st.data())
-@settings(max_examples=4)
 def test_skipped_blocks_flops_vanish(family: str, data) -> None:
     case = data.draw(FAMILIES[family](), label="case")
     names = maskc.blocks(case.model)
@@ -105,7 +103,6 @@ def test_skipped_blocks_flops_vanish(family: str, data) -> None:
 
 @pytest.mark.parametrize("family", ["unet2d", "unet2d_cond"])
 @given(data=st.data())
-@settings(max_examples=10)
 def test_coarse_blocks_equal_reference(family: str, data) -> None:
     """Whole down/mid/up blocks as blocks (DeepCache's granularity): tuple outputs, skip lists."""
     case = data.draw(FAMILIES[family](), label="case")

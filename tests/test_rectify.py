@@ -4,7 +4,7 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import maskc
@@ -57,7 +57,6 @@ def test_constructed_unet_case_turns_off_down_and_mid() -> None:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @given(data=st.data())
-@settings(max_examples=6)
 def test_exact_rectify_preserves_outputs(family: str, data) -> None:
     case = data.draw(FAMILIES[family](), label="case")
     names = maskc.blocks(case.model)

@@ -29,17 +29,22 @@ def test_guided_noise_matches_two_separate_calls() -> None:
 
 
 def test_compiled_mask_in_a_guided_generation_is_exact() -> None:
+    """Against the hook reference (not maskc against itself), twice with reset in between."""
+    from reference import HookReference
+
     m = small_dit()
     names = maskc.blocks(m)
     bits = torch.rand(5, len(names), generator=torch.Generator().manual_seed(0)) < 0.5
     bits[0] = True
+    bits[3] = False  # reads every block at once: the order of same-shaped reads matters
     tm = maskc.compile(m, maskc.Mask(bits, names))
     full = maskc.compile(m, maskc.Mask.full(5, names))
     x = torch.randn(2, 1, 8, 8)
     kw = stack_kwargs({"class_labels": torch.tensor([4, 5])}, {"class_labels": torch.full((2,), 10)})
     s = DDIMScheduler(num_train_timesteps=1000)
     a = generate(m, s, x, 5, kw, 2.0)
+    want = generate(HookReference(m, bits, names), s, x, 5, kw, 2.0)
     assert torch.equal(generate(full, s, x, 5, kw, 2.0, reset=full.reset), a)
     b1 = generate(tm, s, x, 5, kw, 2.0, reset=tm.reset)
     b2 = generate(tm, s, x, 5, kw, 2.0, reset=tm.reset)  # reset per generation: same result again
-    assert torch.equal(b1, b2) and not torch.equal(b1, a)
+    assert torch.equal(b1, want) and torch.equal(b2, want) and not torch.equal(want, a)

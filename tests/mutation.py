@@ -1,0 +1,205 @@
+"""Planted bugs in the compiler and runtime, and a harness that checks the tests catch each one.
+
+Each ``Mutant`` replaces one exact snippet of ``passes/`` or ``maskc/runtime.py`` (the
+snippet must occur exactly once, so a mutant that no longer applies fails loudly
+instead of passing silently). The harness copies the package to a temporary folder,
+plants one bug there, puts the copy first on ``PYTHONPATH`` (checked: the tests import
+the copy) and runs pytest on the mutant's tests with ``-x`` under the "mutation"
+hypothesis profile (no shrinking). A mutant is *killed* when pytest fails.
+
+- ``tests/test_mutants.py`` runs every mutant against its own ``tests`` (what CI runs);
+- ``python benchmarks/mutation.py`` runs every mutant against the whole fast suite and
+  writes ``benchmarks/results/mutation.md`` and ``.json`` (which test killed it, time).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+    why: str  # what the bug would do to a user
+    tests: tuple[str, ...] = field(default=())  # pytest node ids or files that must catch it (CI subset)
+
+
+EQ = "tests/test_equivalence.py::test_masked_steps_equal_reference"
+INV = "tests/test_invariants.py"
+RT = "tests/test_runtime.py"
+EX = "tests/test_exactness.py"
+FUZZ = "tests/test_fuzz_runtime.py"
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant("reset-keeps-cache", "maskc/runtime.py",
+           "        self._step = 0\n        self._cache.clear()", "        self._step = 0",
+           "reset() leaves the previous generation's values in the cache", (EX + "::test_reset_clears_everything",)),
+    Mutant("backend-ignored", "maskc/runtime.py",
+           'return gm if backend == "eager" else torch.compile(gm, backend=backend, dynamic=False)', "return gm",
+           "backend= is ignored: nothing is compiled", ("tests/test_backend.py::test_backend_compiles_every_distinct_step",)),
+    Mutant("no-dead-code-elimination", "passes/rewrite.py",
+           "    out_gm.graph.eliminate_dead_code()\n", "",
+           "glue and blocks that only fed skipped blocks still run: no saving", (INV,)),
+    Mutant("write-every-run", "passes/schedule.py",
+           "writes = tuple(b for b in order if bool(row[col[b]]) and pending[b])",
+           "writes = tuple(b for b in order if bool(row[col[b]]))",
+           "every block that runs is cached, so nothing dies with skipped consumers", (INV,)),
+    Mutant("guard-ignores-dtype", "passes/capture.py",
+           '("T", tuple(x.shape), x.dtype, str(x.device), x.requires_grad)',
+           '("T", tuple(x.shape), str(x.device), x.requires_grad)',
+           "a trace made for float32 serves float64 inputs", (EX + "::test_dtype_or_device_change_mid_generation", FUZZ)),
+    Mutant("guard-ignores-shape", "passes/capture.py",
+           '("T", tuple(x.shape), x.dtype, str(x.device), x.requires_grad)',
+           '("T", x.dtype, str(x.device), x.requires_grad)',
+           "a trace made for one batch size or resolution serves another", (RT, FUZZ)),
+    Mutant("guard-ignores-device", "passes/capture.py",
+           '("T", tuple(x.shape), x.dtype, str(x.device), x.requires_grad)',
+           '("T", tuple(x.shape), x.dtype, x.requires_grad)',
+           "a trace made on one device serves another", (EX + "::test_dtype_or_device_change_mid_generation",)),
+    Mutant("guard-ignores-numbers", "passes/capture.py",
+           'return ("C", type(x).__name__, x)', 'return ("C", type(x).__name__)',
+           "a trace made for return_dict=True (or one int timestep) serves other values", (RT, FUZZ)),
+    Mutant("numbers-reuse-old-graph", "maskc/runtime.py",
+           "return self._step_plan(key, args, kwargs), leaves", "return self._plan, leaves",
+           "an int timestep that changed reuses the graph traced for the old value",
+           (RT + "::test_python_number_timesteps_retrace_per_step", FUZZ)),
+    Mutant("numbers-read-check-dropped", "maskc/runtime.py",
+           "if sg.reads != base_sg.reads:", "if False:",
+           "a Python number that changes what a step reads is not refused",
+           (EX + "::test_number_that_changes_reads_is_refused",)),
+    Mutant("reads-reversed", "maskc/runtime.py",
+           "*[cache[b] for b in sg.reads]", "*[cache[b] for b in reversed(sg.reads)]",
+           "cached values fed to the step graph in the wrong order", (EQ, EX + "::test_guided_dit_equals_reference")),
+    Mutant("writes-to-wrong-blocks", "maskc/runtime.py",
+           "zip(sg.writes, out[n:])", "zip(reversed(sg.writes), out[n:])",
+           "values written to the cache under the wrong block names", (EQ,)),
+    Mutant("freed-one-step-early", "passes/schedule.py",
+           "drops[r].append(b)", "drops[max(r - 1, 0)].append(b)",
+           "a cache entry is freed one step before its last read", (EQ,)),
+    Mutant("never-freed", "maskc/runtime.py",
+           "        for b in plan.schedule.drop_after[i]:\n            cache.pop(b, None)\n", "",
+           "cache entries are never freed", (EQ,)),
+    Mutant("first-skipped-block-runs", "passes/schedule.py",
+           "skip = tuple(b for b in order if not bool(row[col[b]]))",
+           "skip = tuple(b for b in order[1:] if not bool(row[col[b]]))",
+           "a skipped block still runs, on the step's fresh inputs", (EQ, INV)),
+    Mutant("placeholders-reversed", "passes/rewrite.py",
+           "        anchor = ph\n", "",
+           "cache placeholders are created in reverse order, so reads bind to the wrong values", (EQ,)),
+    Mutant("rectify-ignores-later-reads", "passes/rectify.py",
+           "need = demand or pending[b]", "need = demand",
+           "rectify turns off runs whose value a later step reads", ("tests/test_rectify.py", INV)),
+    Mutant("blockgraph-drops-skip-edges", "passes/blockgraph.py",
+           "            for s in ins:\n                g.add_edge(s, b)\n",
+           "            for s in sorted(ins)[:1]:\n                g.add_edge(s, b)\n",
+           "the block graph keeps one input edge per block, so rectify misses consumers", ("tests/test_rectify.py", INV)),
+    Mutant("empty-cache-allowed", "passes/schedule.py",
+           "bad = (~bits) & (~ran)", "bad = (~bits) & (~ran) & False",
+           "a mask that reads an empty cache is not refused", (RT + "::test_empty_cache_refused",)),
+    Mutant("overflow-off-by-one", "maskc/runtime.py",
+           "if i >= self.mask.steps:", "if i > self.mask.steps:",
+           "call T+1 is not refused with StepOverflowError", (RT + "::test_step_overflow_and_reset",)),
+    Mutant("midway-change-not-refused", "maskc/runtime.py",
+           "            if self._step != 0:\n                assert self._plan is not None\n                raise InputChangedError(",
+           "            if False:\n                assert self._plan is not None\n                raise InputChangedError(",
+           "a batch-size change in the middle of a generation is traced anew against a stale cache",
+           (RT + "::test_retrace_at_step0_refuse_midway", FUZZ)),
+    Mutant("numbers-check-accepts-tensors", "maskc/runtime.py",
+           'if not (a[0] == b[0] == "C" and a[1] == b[1] and a[1] in ("int", "float")):',
+           'if not (a[0] == b[0] and a[1] == b[1]):',
+           "a tensor change mid-generation is taken for a Python-number change", (FUZZ,)),
+    Mutant("evicts-newest-trace", "maskc/runtime.py",
+           "self._plans.pop(next(iter(self._plans)))", "self._plans.pop(next(reversed(self._plans)))",
+           "past max_traces the newest trace is evicted, so alternating shapes retrace every time",
+           (EX + "::test_trace_eviction_keeps_the_newest",)),
+    Mutant("traces-unbounded", "maskc/runtime.py",
+           "            while len(self._plans) > self.max_traces:\n", "            while False:\n",
+           "traces pile up without bound", (EX + "::test_trace_eviction_keeps_the_newest",)),
+)
+
+
+def _copy_package(dst: str) -> str:
+    """A copy of the repository under ``dst`` in which ``maskc`` is importable from the folder itself.
+
+    ``passes/`` is nested as ``maskc/passes`` (the layout an install has), and the tests run
+    with the copy as working directory, which Python puts before the installed package.
+    """
+    pkg = os.path.join(dst, "pkg")
+    ignore = shutil.ignore_patterns("weights", "__pycache__", ".hypothesis")
+    shutil.copytree(os.path.join(ROOT, "maskc"), os.path.join(pkg, "maskc"), ignore=ignore)
+    os.symlink(os.path.join(ROOT, "maskc", "models", "weights"), os.path.join(pkg, "maskc", "models", "weights"))
+    shutil.copytree(os.path.join(ROOT, "passes"), os.path.join(pkg, "maskc", "passes"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(pkg, "tests"), ignore=ignore)
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), pkg)
+    return pkg
+
+
+def _target(pkg: str, file: str) -> str:
+    top, rest = file.split("/", 1)
+    return os.path.join(pkg, "maskc", rest) if top == "maskc" else os.path.join(pkg, "maskc", "passes", rest)
+
+
+def plant(pkg: str, m: Mutant) -> None:
+    path = _target(pkg, m.file)
+    with open(path) as f:
+        src = f.read()
+    if src.count(m.old) != 1:
+        raise RuntimeError(f"mutant {m.name}: the snippet occurs {src.count(m.old)} times in {m.file}; update tests/mutation.py")
+    with open(path, "w") as f:
+        f.write(src.replace(m.old, m.new))
+
+
+def _env(pkg: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg + os.pathsep + env.get("PYTHONPATH", "")
+    env["HYPOTHESIS_PROFILE"] = "mutation"
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def check_imports_copy(pkg: str) -> None:
+    code = "import maskc, maskc.passes.schedule as s, maskc.runtime as r; print(s.__file__); print(r.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(pkg), cwd=pkg, capture_output=True, text=True, check=True)
+    files = out.stdout.split()
+    if not all(os.path.realpath(f).startswith(os.path.realpath(pkg)) for f in files):
+        raise RuntimeError(f"the tests would import {files}, not the mutated copy under {pkg}")
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    killed: bool
+    seconds: float
+    killer: str  # first failing test, or ""
+    tail: str
+
+
+def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900) -> Result:
+    """Plant ``m`` (None: no bug, the baseline) in a copy and run ``tests`` with -x."""
+    with tempfile.TemporaryDirectory(prefix="maskc-mutant-") as d:
+        pkg = _copy_package(d)
+        if m is not None:
+            plant(pkg, m)
+        check_imports_copy(pkg)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not mutation",
+               "--no-header", "-rf", *tests]
+        try:
+            r = subprocess.run(cmd, env=_env(pkg), cwd=pkg, capture_output=True, text=True, timeout=timeout)
+            out, code = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out, code = f"timed out after {timeout} s: {e}", -1
+        secs = time.perf_counter() - t0
+    killer = next((ln.split(" ", 1)[1].split(" - ")[0] for ln in out.splitlines() if ln.startswith("FAILED ")), "")
+    dummy = m or Mutant("baseline", "", "", "", "no bug planted")
+    return Result(dummy, code != 0, secs, killer, "\n".join(out.splitlines()[-15:]))
