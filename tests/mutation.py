@@ -8,7 +8,7 @@ the copy) and runs pytest on the mutant's tests with ``-x`` under the "mutation"
 hypothesis profile (no shrinking). A mutant is *killed* when pytest fails.
 
 - ``tests/test_mutants.py`` runs every mutant against its own ``tests`` (what CI runs);
-- ``python benchmarks/mutation.py`` runs every mutant against the whole fast suite and
+- ``python benchmarks/bench_mutation.py`` runs every mutant against the whole fast suite and
   writes ``benchmarks/results/mutation.md`` and ``.json`` (which test killed it, time).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,11 +185,17 @@ class Result:
     tail: str
 
 
-def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900) -> Result:
-    """Plant ``m`` (None: no bug, the baseline) in a copy and run ``tests`` with -x."""
+def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900,
+               planter: Callable[[str], None] | None = None) -> Result:
+    """Plant ``m`` (None: no bug, the baseline) in a copy and run ``tests`` with -x.
+
+    ``planter(pkg)``, if given, plants the bug instead (e.g. a cosmic-ray mutation).
+    """
     with tempfile.TemporaryDirectory(prefix="maskc-mutant-") as d:
         pkg = _copy_package(d)
-        if m is not None:
+        if planter is not None:
+            planter(pkg)
+        elif m is not None:
             plant(pkg, m)
         check_imports_copy(pkg)
         t0 = time.perf_counter()
