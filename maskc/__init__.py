@@ -19,6 +19,7 @@ from maskc.errors import (
     MaskShapeError,
     StepOverflowError,
 )
+from maskc.diff import diff
 from maskc.graphs import RULES, block_graph, rectify
 from maskc.learn import LearnConfig, learn
 from maskc.mask import Mask
@@ -79,5 +80,6 @@ __all__ = [
     "TimestepModules",
     "blocks",
     "compile",
+    "diff",
     "learn",
 ]

@@ -1,39 +1,205 @@
-"""The ``maskc`` command line. Subcommands wrap the public API.
+"""maskc: make diffusion backbones skip blocks at the steps where they barely change.
 
-``demo``, ``learn`` and ``bench`` exist so far; ``compile``, ``sample`` and ``viz``
-come with the issues that build them.
+Commands (``maskc <command> --help`` describes each option and its default):
+  demo     a shipped model with and without its learned mask: MACs, PSNR, wall time, a picture
+  learn    learn a mask for a diffusers model folder or a diffusers pipeline folder
+  compile  compile a model with a mask: the per-step table (runs, reads, writes, MACs), a .pt2
+  sample   generate images with a model (and a mask) into a PNG grid
+  bench    learned masks against DeepCache, FORA and random schedules: tables and plots
+  viz      the graph diff page of one step against the original model (self-contained HTML)
+
+A model is a shipped name (unet, dit) or a diffusers folder written by save_pretrained.
+An error exits with status 2 and one line, ``maskc: error: <what went wrong>``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
+from maskc.errors import MaskcError
 from maskc.models.shipped import SHIPPED, shipped_dir
 
+MASK_FILE = "mask_ddim20.json"  # the learned mask shipped beside each shipped model
+SPREAD_WARNING = 0.10  # warn when a timing's interquartile range exceeds this fraction of its median
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _load(model_arg: str, mask_arg: str | None, need_mask: bool = False) -> tuple[Any, Any, str]:
+    """(model, mask or None, model folder).
+
+    ``mask_arg``: a mask JSON; "shipped" or None: a shipped model's learned mask (None: none for a
+    folder); "none": no mask.
+    """
+    from maskc.mask import Mask
+    from maskc.models.shipped import load_pretrained
+
+    model, folder = load_pretrained(model_arg)
+    model.float()
+    mask = None
+    shipped = os.path.join(folder, MASK_FILE) if model_arg in SHIPPED else None
+    if mask_arg == "shipped" and (shipped is None or not os.path.exists(shipped)):
+        raise MaskcError(f"--mask shipped needs a shipped model ({', '.join(sorted(SHIPPED))}), not {model_arg!r}; "
+                         "pass a mask JSON instead")
+    if mask_arg not in (None, "none", "shipped"):
+        mask = Mask.load(mask_arg)
+    elif mask_arg != "none" and shipped is not None and os.path.exists(shipped):
+        mask = Mask.load(shipped)
+    if need_mask and mask is None:
+        raise MaskcError(f"no mask for {model_arg!r}: pass --mask FILE (a mask JSON from `maskc learn`)")
+    if mask is not None:
+        mask.check(model)
+    return model, mask, folder
+
+
+def _scheduler(name: str, train_steps: int) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise MaskcError(f"unknown scheduler {name!r}; use a diffusers scheduler class such as DDIMScheduler, "
+                         "DDPMScheduler or DPMSolverMultistepScheduler")
+    return cls(num_train_timesteps=train_steps)
+
+
+def _example(model: Any, batch: int) -> tuple[tuple, dict]:
+    """A batch-``batch`` example call for a table backbone (the batch-1 example, repeated)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from maskc.passes.blocks import example_inputs
+
+    ex = example_inputs(model)
+    if ex is None:
+        raise MaskcError(f"maskc has no example call for {type(model).__name__}; the command line supports the "
+                         "backbones of the README's table (UNet2DModel, UNet2DConditionModel, DiT, PixArt)")
+
+    def rep(v: Any) -> Any:
+        return v.repeat(batch, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 else v
+    return pytree.tree_map(rep, ex)
+
+
+def _counting(fn: Callable, bar: Any) -> Callable:
+    """``fn`` that advances a progress bar once per call."""
+    def call(*a: Any, **k: Any) -> Any:
+        out = fn(*a, **k)
+        bar.update(1)
+        return out
+    return call
+
+
+def _conditioning(model: Any, mask: Any, n: int, class_labels: list[int] | None,
+                  guidance_scale: float | None) -> tuple[dict, float | None]:
+    """Model kwargs and guidance for a batch of n: class labels cycled, the null label for guidance (DiT)."""
+    import torch
+
+    from maskc.sampling import stack_kwargs
+
+    c = model.config
+    classes = c.get("num_embeds_ada_norm") if type(model).__name__ == "DiTTransformer2DModel" else c.get("num_class_embeds")
+    if not classes:
+        if class_labels or guidance_scale is not None:
+            raise MaskcError(f"{type(model).__name__} is not class-conditional; drop --class-labels and --guidance-scale")
+        return {}, None
+    labels = class_labels if class_labels else list(range(classes))
+    bad = [y for y in labels if not 0 <= y < classes]
+    if bad:
+        raise MaskcError(f"class labels {bad} are outside 0..{classes - 1}, the classes this model knows")
+    y = torch.tensor(labels)[torch.arange(n) % len(labels)]
+    if guidance_scale is None and mask is not None:
+        guidance_scale = mask.meta.get("provenance", {}).get("guidance_scale")
+    if guidance_scale is None and type(model).__name__ == "DiTTransformer2DModel":
+        guidance_scale = 2.0
+    if guidance_scale is None or guidance_scale <= 1.0:
+        return {"class_labels": y}, None
+    if type(model).__name__ != "DiTTransformer2DModel":
+        raise MaskcError("classifier-free guidance needs a null class; maskc knows it for DiT (label = number of "
+                         "classes). Drop --guidance-scale for this model")
+    return stack_kwargs({"class_labels": y}, {"class_labels": torch.full_like(y, classes)}), guidance_scale
+
+
+def _grid(rows: list[Any], scale: int, nrow: int) -> Any:
+    """A PIL image of image batches in [0, 1] ([N, C, H, W]), ``nrow`` per line, batches one under another."""
+    import numpy as np
+    from PIL import Image
+
+    lines = []
+    for imgs in rows:
+        a = imgs.detach().float().clamp(0, 1).cpu().numpy()
+        n, c, h, w = a.shape
+        cols = min(nrow, n)
+        k = -(-n // cols)
+        g = np.ones((k * (h + 2), cols * (w + 2), c), dtype=np.float32)
+        for j in range(n):
+            r, q = divmod(j, cols)
+            g[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = a[j].transpose(1, 2, 0)
+        lines.append(g)
+    width = max(g.shape[1] for g in lines)
+    lines = [np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)), constant_values=1.0) for g in lines]
+    img = (np.concatenate(lines, axis=0) * 255).round().astype(np.uint8)
+    img = img[..., 0] if img.shape[2] == 1 else img[..., :3]
+    pil = Image.fromarray(img)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+
+
+def timing_report(times: dict[str, list[float]], n: int, threads: int) -> tuple[list[str], bool]:
+    """Lines that give each variant's median with its quartiles and the speed-up with its spread.
+
+    Returns (lines, wide): ``wide`` when a variant's interquartile range exceeds
+    ``SPREAD_WARNING`` of its median, which means the machine was busy and the
+    speed-up is not to be trusted; the last line then says so.
+    """
+    from maskc.eval import summarize_times
+
+    s = {k: summarize_times(v) for k, v in times.items()}
+    o, m = s["original"], s["maskc"]
+    ratios = sorted(a / b for a, b in zip(times["original"], times["maskc"]))
+    r = summarize_times(ratios)
+    lines = [
+        f"wall time per generation of {n} ({threads} threads, {o['n']} interleaved rounds, median [quartiles]): "
+        f"original {o['median']:.2f} s [{o['q1']:.2f}-{o['q3']:.2f}], maskc {m['median']:.2f} s "
+        f"[{m['q1']:.2f}-{m['q3']:.2f}]",
+        f"speed-up {o['median'] / m['median']:.2f}x (per-round ratios: quartiles {r['q1']:.2f}-{r['q3']:.2f}, "
+        f"min-max {r['min']:.2f}-{r['max']:.2f})",
+    ]
+    spread = {k: (v["q3"] - v["q1"]) / v["median"] for k, v in s.items() if v["median"] > 0}
+    wide = any(x > SPREAD_WARNING for x in spread.values())
+    if wide:
+        worst = max(spread, key=spread.__getitem__)
+        lines.append(f"warning: the {worst} times spread by {100 * spread[worst]:.0f}% of their median (IQR) across "
+                     f"rounds: the machine is busy and the speed-up above is unreliable. Rerun on an idle machine "
+                     f"or with more --reps.")
+    return lines, wide
+
+
+# -- demo ----------------------------------------------------------------------------------------
 
 def demo(args: argparse.Namespace) -> int:
     """A shipped Fashion-MNIST model with its learned mask: samples, PSNR, MACs, wall time, a picture."""
+    t_start = time.perf_counter()
     if args.random_ddpm or shipped_dir(args.model) is None:
         return demo_random(args)
-    import os
-
-    import numpy as np
     import torch
     from diffusers import DDIMScheduler
-    from PIL import Image
+    from tqdm.auto import tqdm
 
     import maskc
     from maskc.eval import fidelity, generation_macs, interleaved_times
-    from maskc.models.shipped import load_pretrained
     from maskc.sampling import generate, stack_kwargs
 
-    torch.set_num_threads(args.threads)
-    model, d = load_pretrained(args.model)
-    model.float()
-    T = 20
-    mask = maskc.Mask.load(os.path.join(d, "mask_ddim20.json"))
+    _threads(args.threads)
+    model, mask, d = _load(args.model, None, need_mask=True)
+    T = mask.steps
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(T)
     mask.check(model, sched)
@@ -52,25 +218,26 @@ def demo(args: argparse.Namespace) -> int:
         model, None, ex, {**ex_kw, "timestep": ts[0]}, "timestep", ts)
     x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     out: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=2 * (args.reps + 1), desc="generations (original and maskc interleaved)", unit="gen")
 
     def run(name: str) -> None:
         fn = model if name == "original" else tm
         out[name] = generate(fn, sched, x0, T, kwargs, guidance, reset=None if name == "original" else tm.reset)
+        bar.update(1)
 
     # one untimed round first: the first maskc call traces the model
     times = interleaved_times({"original": lambda: run("original"), "maskc": lambda: run("maskc")}, args.reps, warmup=1)
+    bar.close()
     ref, got = out["original"], out["maskc"]
     f = fidelity(got, ref)
-    o, m = statistics.median(times["original"]), statistics.median(times["maskc"])
     print(f"MACs: {frac:.3f} of the original ({1 / frac:.2f}x fewer); vs the original's samples: "
           f"PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.3f}")
-    print(f"wall time per generation of {args.n} (median of {args.reps}, {args.threads} threads): "
-          f"original {o:.2f} s, maskc {m:.2f} s, speed-up {o / m:.2f}x")
-    grid = torch.cat([torch.cat(list(ref[:, 0]), dim=1), torch.cat(list(got[:, 0]), dim=1)], dim=0)
-    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).resize((grid.shape[1] * 3, grid.shape[0] * 3),
-                                                                                 Image.NEAREST)
-    img.save(args.out)
-    print(f"wrote {args.out}: top row original, bottom row maskc, same initial noise")
+    lines, _ = timing_report(times, args.n, args.threads)
+    print("\n".join(lines))
+    path = args.out or f"maskc_demo_{args.model}.png"
+    _grid([ref, got], 3, args.n).save(path)
+    print(f"wrote {path}: top row original, bottom row maskc, same initial noise")
+    print(f"demo took {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
@@ -79,11 +246,13 @@ def demo_random(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DDIMScheduler, UNet2DModel
     from torch.utils.flop_counter import FlopCounterMode
+    from tqdm.auto import tqdm
 
     import maskc
+    from maskc.eval import interleaved_times
     from maskc.models.configs import DDPM_CIFAR10
 
-    torch.set_num_threads(args.threads)
+    _threads(args.threads)
     torch.manual_seed(0)
     print("building the google/ddpm-cifar10-32 U-Net topology (random weights: no hub here) ...")
     model = UNet2DModel(**DDPM_CIFAR10).eval()
@@ -103,7 +272,7 @@ def demo_random(args: argparse.Namespace) -> int:
     print(f"capture + rewrite of {T} step modules: {time.perf_counter() - t0:.2f} s "
           f"({len({id(tm[i]) for i in range(T)})} distinct)")
 
-    def run(fn, count_flops=False):
+    def run(fn: Callable, count_flops: bool = False) -> tuple[Any, int]:
         x = x0.clone()
         flops = 0
         with torch.no_grad():
@@ -119,42 +288,41 @@ def demo_random(args: argparse.Namespace) -> int:
 
     ref, f_full = run(model, True)
     tm.reset()
-    out, f_mask = run(tm, True)
+    _, f_mask = run(tm, True)
     full = maskc.compile(model, maskc.Mask.full(T, names))
     same, _ = run(full)
     print(f"all-ones mask reproduces the model bit for bit: {torch.equal(same, ref)}")
     print(f"masked generation uses {f_mask / f_full:.3f} of the FLOPs")
-    times = {"original": [], "maskc": []}
-    for _ in range(args.reps):
-        for k, fn in (("original", model), ("maskc", tm)):
+    bar = tqdm(total=2 * args.reps, desc="generations (original and maskc interleaved)", unit="gen")
+
+    def timed(fn: Callable) -> Callable[[], None]:
+        def go() -> None:
             tm.reset()
-            t0 = time.perf_counter()
             run(fn)
-            times[k].append(time.perf_counter() - t0)
-    o, m = statistics.median(times["original"]), statistics.median(times["maskc"])
-    print(f"generation wall time (median of {args.reps}, {args.threads} threads): original {o:.2f} s, "
-          f"maskc {m:.2f} s, speed-up {o / m:.2f}x")
+            bar.update(1)
+        return go
+
+    times = interleaved_times({"original": timed(model), "maskc": timed(tm)}, args.reps, warmup=0)
+    bar.close()
+    print("\n".join(timing_report(times, 1, args.threads)[0]))
     return 0
 
 
-def _scheduler(name: str, train_steps: int):
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        raise SystemExit(f"unknown scheduler {name!r}; use e.g. DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler")
-    return cls(num_train_timesteps=train_steps)
-
+# -- learn -----------------------------------------------------------------------------------------
 
 def learn_cmd(args: argparse.Namespace) -> int:
-    """Learn a mask for a diffusers model folder and write it as JSON."""
+    """Learn a mask for a diffusers model folder (or pipeline folder) and write it as JSON."""
     import torch
 
     import maskc
 
-    import os
-
-    torch.set_num_threads(args.threads)
+    _threads(args.threads)
+    overrides = dict(batch=args.batch, iters=args.iters, sampling=args.sampling,
+                     loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
+    if args.pipeline:
+        return _learn_pipeline(args, overrides)
+    if args.prompt:
+        raise MaskcError("--prompt needs --pipeline (a bare model folder has no text encoder)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # torchrun: timesteps are sharded across the processes
         import torch.distributed as dist
@@ -170,12 +338,11 @@ def learn_cmd(args: argparse.Namespace) -> int:
         cond = lambda n, g: {"class_labels": torch.randint(0, args.num_classes, (n,), generator=g)}  # noqa: E731
         uncond = lambda n, g: {"class_labels": torch.full((n,), args.num_classes)}  # noqa: E731 - the null label
     if args.guidance_scale is not None and not args.num_classes:
-        raise SystemExit("--guidance-scale needs --num-classes (the null label is class N)")
+        raise MaskcError("--guidance-scale with --model needs --num-classes (the null label is class N); "
+                         "or learn from a pipeline folder with --pipeline")
     mask = maskc.learn(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
                        target=args.target, seed=args.seed, cond=cond, uncond=uncond,
-                       guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir,
-                       batch=args.batch, iters=args.iters, sampling=args.sampling,
-                       loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
+                       guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir, **overrides)
     if not distributed or dist.get_rank() == 0:
         mask.save(args.out)
         print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
@@ -183,6 +350,146 @@ def learn_cmd(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     return 0
 
+
+def _learn_pipeline(args: argparse.Namespace, overrides: dict) -> int:
+    import diffusers
+
+    import maskc
+
+    if args.num_classes:
+        raise MaskcError("--num-classes is for --model; with --pipeline pass --class-labels (the pipeline knows its "
+                         "null label)")
+    if not os.path.isdir(args.pipeline):
+        raise MaskcError(f"pipeline folder {args.pipeline!r} not found; expected a folder written by "
+                         "pipe.save_pretrained (with model_index.json)")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline)
+    cond: dict[str, Any] = {}
+    if args.prompt:
+        cond["prompt"] = args.prompt
+    if args.class_labels:
+        cond["class_labels"] = args.class_labels
+    mask = maskc.learn(pipe, target=args.target, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       seed=args.seed, checkpoint_dir=args.checkpoint_dir, **cond, **overrides)
+    mask.save(args.out)
+    print(f"wrote {args.out}: {mask} for {type(pipe).__name__}, MACs fraction "
+          f"{mask.meta['provenance']['macs_fraction']:.3f}")
+    return 0
+
+
+# -- compile ---------------------------------------------------------------------------------------
+
+def step_table(an: Any) -> list[str]:
+    """The per-step table of an ``maskc.diff.Analysis``: runs, reads, writes, MACs, cache bytes."""
+    B = len(an.mask.names)
+    lines = [f"{'step':>4} {'timestep':>8} {'runs':>7} {'reads':>5} {'writes':>6} {'MACs':>10} {'x orig':>6} "
+             f"{'cache KiB':>9}  module"]
+    for r in an.rows:
+        ts = f"{r.timestep:g}" if r.timestep is not None else "-"
+        frac = r.macs / an.original_macs if an.original_macs else 0.0
+        same = "" if r.same_as == r.step else f"same as step {r.same_as}"
+        lines.append(f"{r.step:>4} {ts:>8} {len(r.runs):>3}/{B:<3} {len(r.reads):>5} {len(r.writes):>6} "
+                     f"{r.macs / 1e6:>9.2f}M {frac:>6.3f} {r.cache_bytes / 1024:>9.1f}  {same}")
+    total = sum(r.macs for r in an.rows)
+    n_mod = len({r.same_as for r in an.rows})
+    lines.append(f"generation: {total / 1e6:.1f}M MACs, {total / (an.original_macs * len(an.rows)):.3f} of the "
+                 f"original; {n_mod} distinct step modules; peak cache "
+                 f"{max(r.cache_bytes for r in an.rows) / 1024:.1f} KiB (every block cached: "
+                 f"{an.all_blocks_bytes / 1024:.1f} KiB); example: {an.example_desc}")
+    return lines
+
+
+def compile_cmd(args: argparse.Namespace) -> int:
+    """Compile a model with a mask: print the step table; with --out, write the .pt2 artifact."""
+    import maskc
+    from maskc.diff import analyze
+
+    _threads(args.threads)
+    export = None
+    if args.out:
+        try:
+            from maskc.export import export
+        except ImportError as e:
+            raise MaskcError(f"export is not available in this maskc ({e}); run without --out for the step table") from None
+    model, mask, _ = _load(args.model, args.mask, need_mask=True)
+    ex = _example(model, args.batch)
+    an = analyze(model, mask, ex, progress=True)
+    print(f"{type(model).__name__} with {mask}:")
+    print("\n".join(step_table(an)))
+    if export is not None:
+        tm = maskc.compile(model, mask, backend=args.backend, example_args=ex[0], example_kwargs=ex[1])
+        path = export(tm, args.out)
+        print(f"wrote {path} (specialized to the example's shapes: {an.example_desc})")
+    return 0
+
+
+# -- sample ----------------------------------------------------------------------------------------
+
+def sample_cmd(args: argparse.Namespace) -> int:
+    """Generate images with a model and, optionally, a mask, into a PNG grid."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import maskc
+    from maskc.sampling import generate
+
+    _threads(args.threads)
+    model, mask, _ = _load(args.model, args.mask or "none")
+    steps = args.steps or (mask.steps if mask is not None else 20)
+    if mask is not None and steps != mask.steps:
+        raise MaskcError(f"--steps {steps} differs from the mask's {mask.steps} steps; drop --steps or use a mask "
+                         f"with {steps} rows")
+    name = args.scheduler or (mask.meta.get("scheduler") if mask is not None else None) or "DDIMScheduler"
+    sched = _scheduler(name, args.train_steps)
+    sched.set_timesteps(steps)
+    if mask is not None:
+        mask.check(model, sched)
+    kwargs, guidance = _conditioning(model, mask, args.n, args.class_labels, args.guidance_scale)
+    c = model.config
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    variants: list[tuple[str, Any]] = []
+    if mask is None or args.compare:
+        variants.append(("original", model))
+    if mask is not None:
+        variants.append(("maskc", maskc.compile(model, mask)))
+    rows = []
+    for label, fn in variants:
+        with tqdm(total=steps, desc=f"sampling ({label})", unit="step") as bar:
+            t0 = time.perf_counter()
+            reset = fn.reset if label == "maskc" else None
+            rows.append(generate(_counting(fn, bar), sched, x0, steps, kwargs, guidance, reset=reset))
+            dt = time.perf_counter() - t0
+        print(f"{label}: {args.n} samples, {steps} steps of {name}"
+              + (f", guidance {guidance:g}" if guidance else "") + f", {dt:.1f} s")
+    _grid(rows, args.scale, args.nrow).save(args.out)
+    what = " (top: original, bottom: maskc, same noise)" if len(rows) == 2 else ""
+    print(f"wrote {args.out}{what}")
+    return 0
+
+
+# -- viz -------------------------------------------------------------------------------------------
+
+def viz_cmd(args: argparse.Namespace) -> int:
+    """Write the graph diff page of one step (self-contained HTML)."""
+    from maskc.diff import analyze, pick_step, render
+
+    _threads(args.threads)
+    model, mask, _ = _load(args.model, args.mask, need_mask=True)
+    step = pick_step(mask) if args.step is None else args.step
+    if not 0 <= step < mask.steps:
+        raise MaskcError(f"--step {step} is outside the mask's steps 0..{mask.steps - 1}")
+    an = analyze(model, mask, _example(model, 1), progress=True)
+    page = render(an, step)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(page)
+    st = an.status(step)
+    print(f"wrote {args.out}: step {step} of {mask.steps}, {sum(v == 'runs' for v in st.values())} blocks run, "
+          f"{sum(v == 'cached' for v in st.values())} cached, {sum(v == 'dead' for v in st.values())} dead; "
+          f"open it in a browser (it loads nothing from the network)")
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------------
 
 def bench_cmd(args: argparse.Namespace) -> int:
     """Run ``maskc.bench.run_bench`` with the command line's settings."""
@@ -198,67 +505,162 @@ def bench_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="maskc", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="a shipped model with and without its learned mask: MACs, PSNR, time, a picture")
-    d.add_argument("--steps", type=int, default=10, help="(random-weights demo) DDIM steps")
-    d.add_argument("--reps", type=int, default=3)
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--n", type=int, default=8, help="samples per generation")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="maskc_demo.png")
+# -- the parser ------------------------------------------------------------------------------------
+
+MODEL_HELP = "a shipped model (unet, dit) or a diffusers model folder written by save_pretrained"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per verb, every option described with its default."""
+    fmt = _Help
+    ap = argparse.ArgumentParser(prog="maskc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="command")
+
+    def add(name: str, fn: Callable, help_: str, desc: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=desc, formatter_class=fmt)
+        p.set_defaults(fn=fn)
+        return p
+
+    d = add("demo", demo, "a shipped model with and without its learned mask: MACs, PSNR, time, a picture",
+            "Sample a shipped Fashion-MNIST model with and without its learned mask from the same noise; print the "
+            "MACs fraction, PSNR and SSIM against the original's samples, and wall times measured in interleaved "
+            "rounds (median, quartiles, a warning when the machine is too busy to trust them); write a picture "
+            "(top row original, bottom row maskc). Takes 2 to 3 minutes on 2 CPU threads.")
     d.add_argument("--model", choices=sorted(SHIPPED), default="unet",
-                   help="the shipped Fashion-MNIST U-Net, or the class-conditional DiT (labels 0..9, CFG)")
+                   help="the shipped U-Net, or the class-conditional DiT (labels 0..9, classifier-free guidance)")
+    d.add_argument("--n", type=int, default=8, help="samples per generation")
+    d.add_argument("--reps", type=int, default=5, help="timed rounds (each: one original and one maskc generation)")
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    d.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    d.add_argument("--out", default=None, help="picture to write (default: maskc_demo_<model>.png)")
     d.add_argument("--random-ddpm", action="store_true",
-                   help="the 35.7M DDPM-CIFAR10 topology with random weights instead of the shipped model")
-    d.set_defaults(fn=demo)
-    ln = sub.add_parser("learn", help="learn a mask for a diffusers model folder")
-    ln.add_argument("--model", required=True, help="diffusers model folder (save_pretrained)")
+                   help="the 35.7M DDPM-CIFAR10 topology with random weights and a DeepCache-like mask instead")
+    d.add_argument("--steps", type=int, default=10, help="DDIM steps of the --random-ddpm demo")
+
+    ln = add("learn", learn_cmd, "learn a mask for a diffusers model folder or pipeline folder",
+             "Learn a T x B mask that keeps about --target of the model's MACs (He & Gao 2026, with maskc's cache "
+             "model) and write it as JSON. Give a model folder (--model) with a scheduler, or a diffusers pipeline "
+             "folder (--pipeline), whose scheduler and conditioning are used. Runs under torchrun too (--model).")
+    src = ln.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help=MODEL_HELP)
+    src.add_argument("--pipeline", help="a diffusers pipeline folder (DiffusionPipeline.from_pretrained)")
     ln.add_argument("--out", required=True, help="mask JSON to write")
-    ln.add_argument("--steps", type=int, default=20)
-    ln.add_argument("--target", type=float, default=0.6, help="fraction of MACs to keep")
-    ln.add_argument("--scheduler", default="DDIMScheduler")
-    ln.add_argument("--train-steps", type=int, default=1000)
-    ln.add_argument("--seed", type=int, default=0)
-    ln.add_argument("--batch", type=int, default=8)
-    ln.add_argument("--iters", type=int, default=40)
-    ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="gumbel")
-    ln.add_argument("--no-loss-scaling", action="store_true")
-    ln.add_argument("--no-rectify", action="store_true")
-    ln.add_argument("--num-classes", type=int, default=0, help="class-conditional: draw labels in [0, N)")
+    ln.add_argument("--steps", type=int, default=20, help="denoising steps T (the pipeline's num_inference_steps)")
+    ln.add_argument("--target", type=float, default=0.6, help="fraction of the original's MACs to keep")
+    ln.add_argument("--prompt", nargs="+", default=None, help="(--pipeline) prompts to learn on, cycled over the batch (default: none)")
+    ln.add_argument("--class-labels", type=int, nargs="+", default=None,
+                    help="(--pipeline) class labels to learn on, cycled over the batch (default: none)")
     ln.add_argument("--guidance-scale", type=float, default=None,
-                    help="classifier-free guidance (with --num-classes; label N is the null label)")
-    ln.add_argument("--checkpoint-dir", default=None, help="resume from / save per-step progress here")
-    ln.add_argument("--threads", type=int, default=2)
-    ln.set_defaults(fn=learn_cmd)
-    b = sub.add_parser("bench", help="learned masks vs DeepCache / FORA / random schedules: tables and plots")
-    b.add_argument("--model", default="unet", help="unet, dit (the shipped models) or a diffusers folder")
-    b.add_argument("--steps", type=int, default=20)
+                    help="classifier-free guidance scale (default: the pipeline's own, none for --model; "
+                         "with --model it needs --num-classes)")
+    ln.add_argument("--num-classes", type=int, default=0,
+                    help="(--model) class-conditional: labels drawn in [0, N), label N is the null label")
+    ln.add_argument("--scheduler", default="DDIMScheduler", help="(--model) diffusers scheduler class")
+    ln.add_argument("--train-steps", type=int, default=1000, help="(--model) the scheduler's training timesteps")
+    ln.add_argument("--seed", type=int, default=0, help="seed of the learning trajectory")
+    ln.add_argument("--batch", type=int, default=8, help="samples in the learning trajectory")
+    ln.add_argument("--iters", type=int, default=40, help="optimizer iterations per step")
+    ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="gumbel",
+                    help="how masks are sampled during learning (gumbel: Gumbel-Softmax; stochastic: Bernoulli)")
+    ln.add_argument("--no-loss-scaling", action="store_true", help="turn off timestep-aware loss scaling")
+    ln.add_argument("--no-rectify", action="store_true", help="do not rectify the learned mask")
+    ln.add_argument("--checkpoint-dir", default=None, help="resume from / save per-step progress here (default: no checkpoints)")
+    ln.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+    cp = add("compile", compile_cmd, "compile a model with a mask: the per-step table, optionally a .pt2 artifact",
+             "Trace the model on a batch-N example, rewrite it into one module per step, and print what each step "
+             "does: blocks run (of all), cached values read, values written for later steps, MACs (FlopCounterMode) "
+             "and cache bytes held. With --out, write the step modules as a .pt2 artifact (maskc.export).")
+    cp.add_argument("--model", default="unet", help=MODEL_HELP)
+    cp.add_argument("--mask", default=None, help="mask JSON (default: a shipped model's learned mask)")
+    cp.add_argument("--out", default=None, help="write a .pt2 artifact here (maskc.export; runs with torch alone; default: no artifact)")
+    cp.add_argument("--backend", default="eager", help="maskc.compile backend for the artifact (eager, inductor)")
+    cp.add_argument("--batch", type=int, default=1, help="batch size of the example the trace is specialized to")
+    cp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    sp = add("sample", sample_cmd, "generate images with a model (and a mask) into a PNG grid",
+             "Generate --n samples from the same seeded noise with the model, compiled with --mask if given, and "
+             "write them as a PNG grid. The scheduler runs the mask's step count; class-conditional models get "
+             "--class-labels (cycled) and classifier-free guidance as the DiT demo does.")
+    sp.add_argument("--model", default="unet", help=MODEL_HELP)
+    sp.add_argument("--mask", default=None,
+                    help="mask JSON to sample with, or 'shipped' for a shipped model's learned mask (default: no mask, "
+                         "the original model)")
+    sp.add_argument("--compare", action="store_true", help="also sample the original model (top row) from the same noise")
+    sp.add_argument("--n", type=int, default=8, help="number of samples")
+    sp.add_argument("--steps", type=int, default=None, help="denoising steps (default: the mask's, else 20)")
+    sp.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the mask's, else DDIMScheduler)")
+    sp.add_argument("--train-steps", type=int, default=1000, help="the scheduler's training timesteps")
+    sp.add_argument("--class-labels", type=int, nargs="+", default=None,
+                    help="class labels, cycled over the samples (class-conditional models; default 0, 1, 2, ...)")
+    sp.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance (DiT; default: the mask's, else 2.0; <= 1 turns it off)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    sp.add_argument("--out", default="maskc_sample.png", help="PNG grid to write")
+    sp.add_argument("--nrow", type=int, default=8, help="images per line of the grid")
+    sp.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
+    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+    b = add("bench", bench_cmd, "learned masks vs DeepCache / FORA / random schedules: tables and plots",
+            "Learn masks at several MACs targets, write peers' schedules as masks, sample each from the same noise, "
+            "and score FD-FMNIST, KID, PSNR, SSIM, MACs, interleaved wall time and peak memory into <out>/<name>.md.")
+    b.add_argument("--model", default="unet", help=MODEL_HELP)
+    b.add_argument("--steps", type=int, default=20, help="DDIM steps per generation")
     b.add_argument("--n", type=int, default=2000, help="samples per method")
-    b.add_argument("--batch", type=int, default=250)
-    b.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.55, 0.45])
-    b.add_argument("--main-target", type=float, default=0.55)
-    b.add_argument("--deepcache", type=int, nargs="*", default=[3, 5, 10], help="uniform intervals (U-Net)")
-    b.add_argument("--deepcache-nonuniform", type=int, nargs="*", default=[5])
-    b.add_argument("--fora", type=int, nargs="*", default=[2, 3], help="intervals (DiT)")
-    b.add_argument("--no-random", action="store_true")
+    b.add_argument("--batch", type=int, default=250, help="generation batch of the quality phase")
+    b.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.55, 0.45], help="MACs targets to learn")
+    b.add_argument("--main-target", type=float, default=0.55, help="the target whose mask is the headline row")
+    b.add_argument("--deepcache", type=int, nargs="*", default=[3, 5, 10], help="DeepCache uniform intervals (U-Net)")
+    b.add_argument("--deepcache-nonuniform", type=int, nargs="*", default=[5],
+                   help="DeepCache non-uniform intervals (U-Net)")
+    b.add_argument("--fora", type=int, nargs="*", default=[2, 3], help="FORA intervals (DiT)")
+    b.add_argument("--no-random", action="store_true", help="skip the random equal-MACs baseline")
     b.add_argument("--ablations", action="store_true", help="also learn without loss scaling, rectification, Gumbel")
-    b.add_argument("--guidance-scale", type=float, default=2.0)
-    b.add_argument("--time-batch", type=int, default=64)
-    b.add_argument("--time-reps", type=int, default=5)
-    b.add_argument("--no-memory", action="store_true")
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--time-threads", type=int, default=None, help="threads for the timing phase (default --threads)")
+    b.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (DiT)")
+    b.add_argument("--time-batch", type=int, default=64, help="generation batch of the timing phase")
+    b.add_argument("--time-reps", type=int, default=5, help="interleaved timing rounds")
+    b.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    b.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    b.add_argument("--time-threads", type=int, default=None, help="threads for the timing phase (default: --threads)")
     b.add_argument("--phase", choices=["all", "quality", "time"], default="all",
                    help="quality: samples and scores only; time: wall time, memory, tables and plots from a quality run")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="benchmarks/results")
-    b.add_argument("--name", default="")
+    b.add_argument("--seed", type=int, default=0, help="seed of noise and learning")
+    b.add_argument("--out", default="benchmarks/results", help="folder of the result tables, plots and masks")
+    b.add_argument("--name", default="", help="result file name (default: derived from the model and steps)")
     b.add_argument("--relearn", action="store_true", help="learn again even if a matching mask is in <out>/masks")
-    b.set_defaults(fn=bench_cmd)
-    args = ap.parse_args(argv)
-    return args.fn(args)
+
+    v = add("viz", viz_cmd, "the graph diff page of one step against the original (self-contained HTML)",
+            "Write one HTML page (inline SVG and CSS, nothing loaded from the network) for step --step: the block "
+            "graph in execution order with blocks that run, blocks read from the cache and glue removed as dead "
+            "code; the fx node-level diff of the step's GraphModule against the capture; the T x B mask as a "
+            "heatmap with MACs and cache bytes per step.")
+    v.add_argument("--model", default="unet", help=MODEL_HELP)
+    v.add_argument("--mask", default=None, help="mask JSON (default: a shipped model's learned mask)")
+    v.add_argument("--step", type=int, default=None,
+                   help="the step to show (default: the one that splits running and skipped blocks most evenly)")
+    v.add_argument("--out", default="maskc_diff.html", help="HTML page to write")
+    v.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a maskc error (or a file that cannot be read or written) exits 2 with one line."""
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (MaskcError, OSError) as e:
+        msg = " ".join(str(e).split())
+        print(f"maskc: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

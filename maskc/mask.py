@@ -44,6 +44,25 @@ def fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _missing_message(missing: list[str], modules: list[str], model: str, total: int) -> str:
+    """Say which mask blocks the model lacks; suggest the closest module names when a few are misspelled."""
+    import difflib
+
+    close = {n: difflib.get_close_matches(n, modules, n=3, cutoff=0.8) for n in missing[:3]}
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    if any(close.values()) and len(missing) <= max(1, total // 2):
+        named = "; ".join(
+            f"{n!r}" + (f" (did you mean {' or '.join(repr(c) for c in cs)}?)" if cs else "") for n, cs in close.items()
+        )
+        return (f"mask block{'s' if len(missing) > 1 else ''} {named}{more} "
+                f"{'are not submodules' if len(missing) > 1 else 'is not a submodule'} of {model}. "
+                "Expected qualified names from model.named_modules(); fix the misspelled name in the mask "
+                "(maskc.blocks(model) lists the default blocks)")
+    return (f"mask block {missing[0]!r}{more} {'is not a submodule' if len(missing) == 1 else 'are not submodules'} "
+            f"of {model}; "
+            "the mask was made for another model. Learn or build a mask for this one.")
+
+
 def _short(sig: str) -> str:
     return hashlib.sha256(sig.encode()).hexdigest()[:8]
 
@@ -211,12 +230,9 @@ class Mask:
         if scheduler is not None:
             self.check_scheduler(scheduler)
         modules = dict(model.named_modules())
-        for n in self.names:
-            if n not in modules:
-                raise MaskMismatchError(
-                    f"mask block {n!r} is not a submodule of {type(model).__name__}; "
-                    "the mask was made for another model. Learn or build a mask for this one."
-                )
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            raise MaskMismatchError(_missing_message(missing, list(modules), type(model).__name__, len(self.names)))
         bb = self.meta.get("backbone")
         if bb is not None and bb != type(model).__name__:
             raise MaskMismatchError(f"mask was made for a {bb}, not a {type(model).__name__}")
