@@ -20,6 +20,7 @@ from maskc.errors import (
     StepOverflowError,
 )
 from maskc.diff import diff
+from maskc.export import export, load_exported
 from maskc.graphs import RULES, block_graph, rectify
 from maskc.learn import LearnConfig, learn
 from maskc.mask import Mask
@@ -81,5 +82,7 @@ __all__ = [
     "blocks",
     "compile",
     "diff",
+    "export",
     "learn",
+    "load_exported",
 ]
