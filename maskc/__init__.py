@@ -24,6 +24,8 @@ from maskc.export import export, load_exported
 from maskc.graphs import RULES, block_graph, rectify
 from maskc.learn import LearnConfig, learn
 from maskc.mask import Mask
+from maskc.models.shipped import pretrained
+from maskc.pipelines import apply, remove
 from maskc.runtime import TimestepModules, compile
 
 __version__ = "0.1.0"
@@ -79,10 +81,13 @@ __all__ = [
     "MaskcError",
     "StepOverflowError",
     "TimestepModules",
+    "apply",
     "blocks",
     "compile",
     "diff",
     "export",
     "learn",
     "load_exported",
+    "pretrained",
+    "remove",
 ]

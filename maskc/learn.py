@@ -159,10 +159,10 @@ def _atomic_json(path: str, obj: Any) -> None:
 
 
 def learn(
-    model: torch.nn.Module,
-    scheduler: Any,
-    steps: int,
-    sample_shape: Sequence[int],
+    model: Any,
+    scheduler: Any = None,
+    steps: int | None = None,
+    sample_shape: Sequence[int] | None = None,
     target: float = 0.6,
     seed: int = 0,
     cond: Callable[[int, torch.Generator], dict] | None = None,
@@ -181,8 +181,30 @@ def learn(
     gives the unconditional kwargs and every evaluation is classifier-free guided as
     in diffusers pipelines: one model call on the stacked [cond; uncond] batch, and
     fidelity is measured on the guided noise, the quantity the sampler uses.
+
+    ``model`` may also be a diffusers pipeline: ``learn(pipe, target=..., prompt=... |
+    prompt_embeds=... | class_labels=..., num_inference_steps=T, guidance_scale=...)``
+    learns for its backbone, a copy of its scheduler, its step count and its
+    conditioning (see ``maskc.pipelines.learn_inputs``).
     """
     import maskc
+    from maskc.pipelines import PIPELINE_LEARN_ARGS, is_pipeline, learn_inputs
+
+    if is_pipeline(model):
+        if scheduler is not None or sample_shape is not None or cond is not None or uncond is not None:
+            raise MaskcError("learn(pipe, ...) takes scheduler, sample shape and conditioning from the pipeline; "
+                             "pass prompt=, prompt_embeds=, class_labels=, num_inference_steps= instead")
+        pkw = {k: overrides.pop(k) for k in PIPELINE_LEARN_ARGS if k in overrides}
+        if steps is not None:
+            pkw.setdefault("num_inference_steps", steps)
+        inputs = learn_inputs(model, guidance_scale=guidance_scale, **pkw)
+        mask = learn(**inputs, target=target, seed=seed, blocks=blocks, config=config,
+                     checkpoint_dir=checkpoint_dir, progress=progress, **overrides)
+        mask.meta["provenance"]["pipeline"] = type(model).__name__
+        return mask
+    if scheduler is None or steps is None or sample_shape is None:
+        raise MaskcError("learn(model, scheduler, steps, sample_shape, ...) needs all four for a bare backbone; "
+                         "or pass a diffusers pipeline: learn(pipe, target=..., num_inference_steps=...)")
 
     cfg = config or LearnConfig()
     cfg = LearnConfig(**{**asdict(cfg), "target": target, **overrides})

@@ -6,6 +6,19 @@ the cache; it holds only values a later step reads and frees each after its last
 read. A call whose inputs differ in structure, shape, dtype, device or any
 non-tensor argument from the current trace is retraced at step 0 and refused in
 the middle of a generation.
+
+Timesteps: when the mask records the timesteps it was made for (``mask.meta``), the
+timestep argument of each call is checked against them without a device sync per
+step: a Python number or a CPU tensor is compared at every step (no sync); a device
+tensor is compared once per generation, at step 1 (steps 0 and 1 in one copy, one
+sync; two values tell apart step counts and spacings that share a first timestep).
+``reset(timesteps)`` checks a whole generation's timesteps at once instead (what
+``maskc.apply`` does with the scheduler's), and ``follow(source)`` starts a new
+generation whenever the source returns a new timesteps object.
+
+To a caller that reads the backbone's attributes (a diffusers pipeline reads
+``unet.config``, ``.dtype``, ``.device``), TimestepModules looks like the backbone:
+those and any other public attribute it does not have itself are read from the model.
 """
 from __future__ import annotations
 
@@ -14,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from maskc.errors import InputChangedError, MaskcError, StepOverflowError
+from maskc.errors import InputChangedError, MaskcError, MaskMismatchError, StepOverflowError
 from maskc.mask import Mask
 from maskc.passes.capture import Capture, capture, flatten_inputs, guard_key
 from maskc.passes.schedule import Schedule, cache_timeline, check_reads_filled, schedule
@@ -101,6 +114,12 @@ class TimestepModules(torch.nn.Module):
         self._step = 0
         self._cache: dict[str, Any] = {}
         self.peak_cache_entries = 0
+        self._want_ts: list[float] | None = mask.meta.get("timesteps")
+        self._ts_param = _timestep_param(model)
+        self._ts_checked = False  # this generation's timesteps were checked as a whole (reset(timesteps))
+        self._t0: torch.Tensor | None = None  # step 0's device timestep, checked at step 1
+        self._follow: Callable[[], Any] | None = None
+        self._followed: tuple[Any, int] | None = None
         if example_args is not None or example_kwargs is not None:
             self._ensure_plan(tuple(example_args or ()), dict(example_kwargs or {}))
 
@@ -127,10 +146,107 @@ class TimestepModules(torch.nn.Module):
         """Index of the next call within the generation."""
         return self._step
 
-    def reset(self) -> None:
-        """Start a new generation: step counter to 0, cache emptied."""
+    def reset(self, timesteps: Any = None) -> None:
+        """Start a new generation: step counter to 0, cache emptied.
+
+        With ``timesteps`` (the generation's, e.g. ``scheduler.timesteps`` after
+        ``set_timesteps``), their count and values are checked against the mask now,
+        once, and the per-step timestep check is off for this generation.
+        """
         self._step = 0
         self._cache.clear()
+        self._t0 = None
+        self._ts_checked = False
+        if timesteps is not None:
+            self._check_timesteps(timesteps)
+            self._ts_checked = True
+
+    def follow(self, source: Callable[[], Any] | None) -> None:
+        """Start a new generation whenever ``source()`` returns a new timesteps object.
+
+        ``source`` is read before every call, e.g. ``lambda: pipe.scheduler.timesteps``
+        (diffusers schedulers assign a new tensor in each ``set_timesteps``, which every
+        pipeline call runs). A new object, or one changed in place, means
+        ``reset(timesteps)``. ``None`` stops following.
+        """
+        self._follow = source
+        self._followed = None
+
+    # -- looking like the backbone -------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The backbone's config (pipelines read ``unet.config.sample_size`` and the like)."""
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's dtype: its own ``dtype`` if it has one, else its first parameter's."""
+        d = getattr(self.model, "dtype", None)
+        if isinstance(d, torch.dtype):
+            return d
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        """The backbone's device: its own ``device`` if it has one, else its first parameter's."""
+        d = getattr(self.model, "device", None)
+        if isinstance(d, torch.device):
+            return d
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes this module lacks are read from the backbone (read-only lookups)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if name.startswith("_") or model is None:
+                raise
+        return getattr(model, name)
+
+    # -- timesteps ----------------------------------------------------------------
+    def _check_timesteps(self, timesteps: Any) -> None:
+        """A whole generation's timesteps against the mask: count always, values if recorded."""
+        ts = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if len(ts) != self.mask.steps:
+            raise MaskMismatchError(
+                f"the generation has {len(ts)} timesteps but the mask has T={self.mask.steps} rows; run "
+                f"{self.mask.steps} steps (num_inference_steps={self.mask.steps}) or use a mask made for {len(ts)}"
+            )
+        if self._want_ts is not None:
+            for i, t in enumerate(ts):
+                self._timestep_mismatch(i, float(t))
+
+    def _timestep_mismatch(self, i: int, got: float) -> None:
+        want = float(self._want_ts[i]) if self._want_ts is not None and i < len(self._want_ts) else got
+        if abs(got - want) > 1e-4 * max(1.0, abs(want)):
+            raise MaskMismatchError(
+                f"step {i} gets timestep {got:g}, but the mask was made for timestep {want:g} there "
+                f"({self.mask.meta.get('scheduler', 'a scheduler')} with {self.mask.steps} steps): the schedules "
+                f"differ in step count or spacing. Drive it with the timesteps it was made for "
+                f"(scheduler.set_timesteps({self.mask.steps}) on the same scheduler), or make a mask for this schedule"
+            )
+
+    def _check_step_timestep(self, i: int, args: tuple, kwargs: dict) -> None:
+        """Step i's timestep argument against the mask, without a device sync per step (module docstring)."""
+        name, pos = self._ts_param  # type: ignore[misc]
+        t = kwargs.get(name) if name in kwargs else (args[pos] if pos is not None and pos < len(args) else None)
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            self._timestep_mismatch(i, float(t))
+        elif isinstance(t, torch.Tensor) and t.numel() > 0:
+            first = t.reshape(-1)[:1]
+            if first.device.type == "cpu":
+                self._timestep_mismatch(i, float(first))
+            elif i == 0:
+                self._t0 = first
+                if self.mask.steps == 1:
+                    self._timestep_mismatch(0, float(first))
+            elif i == 1 and self._t0 is not None:
+                t0, t1 = torch.cat([self._t0, first.to(self._t0.dtype)]).tolist()  # one sync per generation
+                self._timestep_mismatch(0, float(t0))
+                self._timestep_mismatch(1, float(t1))
 
     # -- tracing -----------------------------------------------------------------
     def _ensure_plan(self, args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
@@ -193,7 +309,15 @@ class TimestepModules(torch.nn.Module):
 
     # -- the call ----------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._follow is not None:
+            ts = self._follow()
+            key = (ts, getattr(ts, "_version", 0))
+            if self._followed is None or key[0] is not self._followed[0] or key[1] != self._followed[1]:
+                self.reset(ts)  # raises on a mismatch, and then again at every call until the schedule changes
+                self._followed = key
         i = self._step
+        if self._want_ts is not None and not self._ts_checked and self._ts_param is not None:
+            self._check_step_timestep(i, args, kwargs)
         if i >= self.mask.steps:
             raise StepOverflowError(
                 f"called {i + 1} times, but the mask has T={self.mask.steps} steps; "
@@ -237,6 +361,23 @@ class TimestepModules(torch.nn.Module):
     def cache_entries(self) -> list[str]:
         """Blocks whose value the cache holds right now."""
         return list(self._cache)
+
+
+def _timestep_param(model: torch.nn.Module) -> tuple[str, int | None] | None:
+    """(name, positional index or None) of the forward argument that is the timestep, if any."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    for k in ("timestep", "timesteps", "t"):
+        for j, p in enumerate(params):
+            if p.name == k:
+                positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                return k, j if positional and all(
+                    q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD) for q in params[:j]) else None
+    return None
 
 
 def _only_numbers_differ(old: Any, new: Any) -> bool:

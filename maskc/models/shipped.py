@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 
 from maskc.errors import MaskcError
+from maskc.mask import Mask
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SHIPPED = {"unet": "fmnist-unet", "dit": "fmnist-dit"}  # name -> folder under weights/
@@ -35,3 +37,31 @@ def load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, str]:
     if cls is None:
         raise MaskcError(f"{cfg} names no diffusers model class ({cls_name!r}); expected e.g. UNet2DModel")
     return cls.from_pretrained(path).eval(), path
+
+
+def pretrained(name: str = "fmnist-unet") -> tuple[torch.nn.Module, Mask, Any]:
+    """(model in eval mode, its shipped learned mask, a scheduler set to the mask's step count).
+
+    ``name``: ``"fmnist-unet"`` or ``"fmnist-dit"`` (``"unet"``, ``"dit"`` also work).
+    The scheduler is the mask's class with the training noise schedule (1000 steps,
+    linear betas), ``set_timesteps(mask.steps)`` already called; the mask is checked
+    against both, so the three fit together.
+    """
+    import diffusers
+
+    short = {v: k for k, v in SHIPPED.items()}.get(name, name)
+    if short not in SHIPPED:
+        raise MaskcError(f"no shipped model {name!r}; choose one of {sorted(SHIPPED.values())}")
+    d = shipped_dir(short)
+    mask_file = os.path.join(d, "mask_ddim20.json") if d is not None else None
+    if d is None or not os.path.exists(mask_file or ""):
+        raise MaskcError(f"the shipped model {SHIPPED[short]!r} is missing from {WEIGHTS}; reinstall maskc")
+    model, _ = load_pretrained(short)
+    mask = Mask.load(mask_file)
+    cls = getattr(diffusers, mask.meta.get("scheduler", "DDIMScheduler"), None)
+    if cls is None:
+        raise MaskcError(f"{mask_file} names the scheduler {mask.meta.get('scheduler')!r}, which diffusers lacks")
+    scheduler = cls(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler.set_timesteps(mask.steps)
+    mask.check(model, scheduler)
+    return model, mask, scheduler
