@@ -3,7 +3,12 @@
 - ``FMNISTFeatures``: FD-FMNIST and KID with the shipped Fashion-MNIST classifier
   as the feature extractor (torchmetrics, custom feature module), against the
   10,000 test images; ``floor(n)`` gives the real-vs-real value at the same sample
-  count (n training images against the test set), to report beside every FD.
+  count (n training images, drawn from the shipped pool of 5,000, against the test
+  set), to report beside every FD.
+  The real side ships with the package, as FID tools ship their reference
+  statistics (``load_reference``, files in ``maskc/models/weights/fmnist-eval``, made
+  by ``examples/make_eval_stats.py`` from Debian's dataset): evaluation gives the
+  same figures whether or not the dataset is installed, and never reads it.
 - ``fidelity``: PSNR and SSIM of each masked sample against the original model's
   sample from the same initial noise.
 - ``generation_macs``: MACs of one generation (batch 1) by FlopCounterMode, on the
@@ -15,55 +20,159 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["FMNISTFeatures", "fidelity", "generation_macs", "interleaved_times", "peak_memory", "summarize_times"]
+from maskc.data import EVAL_DIR
+from maskc.errors import MaskcError
+
+__all__ = ["FMNISTFeatures", "Reference", "load_reference", "file_sha256", "fidelity", "generation_macs",
+           "interleaved_times", "peak_memory", "summarize_times"]
+
+STATS_FORMAT = 1
+_REGENERATE = ("regenerate them with `python examples/make_eval_stats.py` "
+               "(needs Debian's dataset: `apt-get install -y dataset-fashion-mnist`)")
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real side of FD-FMNIST and KID, as shipped.
+
+    Invariants: ``test_mu`` and ``test_sigma`` are the float64 mean and unbiased covariance
+    of the float32 classifier features of the 10,000 test images, and ``test_features`` is
+    those features rounded to float16 (held here as float32); ``train_features[k]`` is the
+    feature row of training image ``train_index[k]`` (the pool the real-vs-real floor draws
+    from); ``meta`` is ``stats.json`` (how and from what they were made).
+    """
+
+    test_features: torch.Tensor  # float32 [10000, 128] (stored float16)
+    test_labels: torch.Tensor  # int64 [10000]
+    test_mu: torch.Tensor  # float64 [128]
+    test_sigma: torch.Tensor  # float64 [128, 128]
+    train_features: torch.Tensor  # float32 [M, 128] (stored float16)
+    train_index: torch.Tensor  # int64 [M], indices into the 60,000 training images
+    meta: dict
+
+
+def load_reference(path: str = EVAL_DIR, check_classifier: bool = True) -> Reference:
+    """The shipped reference features in ``path``; with ``check_classifier``, refuses them when they
+    were made with another classifier than the one ``load_classifier`` reads."""
+    from safetensors.torch import load_file
+
+    f, j = os.path.join(path, "reference.safetensors"), os.path.join(path, "stats.json")
+    for p in (f, j):
+        if not os.path.exists(p):
+            raise MaskcError(f"{p} not found: FD-FMNIST and KID need the reference features the package ships "
+                             f"there; reinstall maskc, or {_REGENERATE}")
+    with open(j) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != STATS_FORMAT:
+        raise MaskcError(f"{j} has format {meta.get('format')!r}; this maskc reads format {STATS_FORMAT}: {_REGENERATE}")
+    t = load_file(f)
+    need = {"test_features", "test_labels", "test_mu", "test_sigma", "train_features", "train_index"}
+    if need - set(t):
+        raise MaskcError(f"{f} lacks {sorted(need - set(t))}; expected {sorted(need)}: {_REGENERATE}")
+    ref = Reference(test_features=t["test_features"].float(), test_labels=t["test_labels"].long(),
+                    test_mu=t["test_mu"].double(), test_sigma=t["test_sigma"].double(),
+                    train_features=t["train_features"].float(), train_index=t["train_index"].long(), meta=meta)
+    d = ref.test_features.shape[1]
+    if (ref.test_features.shape[0] != len(ref.test_labels) or ref.test_mu.shape != (d,)
+            or ref.test_sigma.shape != (d, d) or ref.train_features.shape != (len(ref.train_index), d)):
+        raise MaskcError(f"{f} has inconsistent shapes (test features {tuple(ref.test_features.shape)}, labels "
+                         f"{tuple(ref.test_labels.shape)}, mu {tuple(ref.test_mu.shape)}, sigma "
+                         f"{tuple(ref.test_sigma.shape)}, train features {tuple(ref.train_features.shape)}, train "
+                         f"index {tuple(ref.train_index.shape)}): {_REGENERATE}")
+    if check_classifier:
+        from maskc.models.classifier import WEIGHTS
+
+        clf_file = os.path.join(WEIGHTS, "model.safetensors")
+        made_with = meta.get("classifier", {}).get("sha256")
+        if os.path.exists(clf_file) and file_sha256(clf_file) != made_with:
+            raise MaskcError(f"the reference features in {path} were made with a classifier of sha256 {made_with}, "
+                             f"but {clf_file} has sha256 {file_sha256(clf_file)}: features of different classifiers "
+                             f"cannot be compared; {_REGENERATE}")
+    return ref
+
+
+class _Features(torch.nn.Module):
+    """Identity on [N, num_features] feature rows: torchmetrics' metrics are fed features, not images."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class FMNISTFeatures:
-    """FD-FMNIST and KID against the Fashion-MNIST test set (features: ``maskc.models.classifier``)."""
+    """FD-FMNIST and KID against the Fashion-MNIST test set (features: ``maskc.models.classifier``).
 
-    def __init__(self, kid_subset_size: int = 1000, kid_subsets: int = 50, seed: int = 0, batch: int = 500) -> None:
+    The real side comes from ``load_reference(stats)``: FD uses the shipped float64 mean and
+    covariance, KID the shipped test features; samples are scored on their float32 features.
+    """
+
+    def __init__(self, kid_subset_size: int = 1000, kid_subsets: int = 50, seed: int = 0, batch: int = 500,
+                 stats: str = EVAL_DIR) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        from maskc.data import load_images
         from maskc.models.classifier import load_classifier
 
         self.clf = load_classifier()
+        self.reference = load_reference(stats)
         self.batch, self.seed = batch, seed
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
-        self.fid = FrechetInceptionDistance(feature=self.clf, reset_real_features=False)
-        self.real = (load_images("test") + 1) / 2
-        for i in range(0, len(self.real), batch):
-            self.fid.update(self.real[i:i + batch], real=True)
-        self._make_kid = lambda n: KernelInceptionDistance(
-            feature=self.clf, subsets=self.kid_subsets, subset_size=min(self.kid_subset_size, n),
+        d = self.reference.test_features.shape[1]
+        self._identity = _Features(d)
+        self.fid = FrechetInceptionDistance(feature=self._identity, reset_real_features=False)
+        # torchmetrics' real-side state, from the shipped mean and covariance (sums of rows, of outer products)
+        n, mu, sigma = len(self.reference.test_features), self.reference.test_mu, self.reference.test_sigma
+        self.fid.real_features_sum = mu * n
+        self.fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+        self.fid.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+        self._make_kid = lambda k: KernelInceptionDistance(
+            feature=self._identity, subsets=self.kid_subsets, subset_size=min(self.kid_subset_size, k),
             reset_real_features=False)
         self._kids: dict[int, Any] = {}
 
     def _kid(self, n: int) -> Any:
         if n not in self._kids:
             kid = self._make_kid(n)
-            for i in range(0, len(self.real), self.batch):
-                kid.update(self.real[i:i + self.batch], real=True)
+            kid.update(self.reference.test_features, real=True)
             self._kids[n] = kid
         return self._kids[n]
 
-    def __call__(self, images: torch.Tensor) -> dict[str, float]:
-        """FD and KID (mean, std over subsets) of ``images`` ([N, 1, 32, 32] in [0, 1])."""
-        self.fid.reset()
-        kid = self._kid(len(images))
-        kid.reset()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 classifier features [N, 128] of ``images`` ([N, 1, 32, 32] in [0, 1])."""
         with torch.no_grad():
-            for i in range(0, len(images), self.batch):
-                part = images[i:i + self.batch].float()
-                self.fid.update(part, real=False)
-                kid.update(part, real=False)
+            return torch.cat([self.clf(images[i:i + self.batch].float()) for i in range(0, len(images), self.batch)])
+
+    def score_features(self, features: torch.Tensor) -> dict[str, float]:
+        """FD and KID (mean, std over subsets) of sample features [N, 128] against the test set."""
+        self.fid.reset()
+        kid = self._kid(len(features))
+        kid.reset()
+        features = features.float()
+        with torch.no_grad():
+            self.fid.update(features, real=False)
+            kid.update(features, real=False)
             fd = float(self.fid.compute())
             state = torch.random.get_rng_state()
             torch.manual_seed(self.seed)  # KID draws random subsets
@@ -71,13 +180,20 @@ class FMNISTFeatures:
             torch.random.set_rng_state(state)
         return {"fd": fd, "kid": float(km), "kid_std": float(ks)}
 
-    def floor(self, n: int) -> dict[str, float]:
-        """Real vs real: ``n`` training images (fixed seed) scored like samples."""
-        from maskc.data import load_images
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        """FD and KID (mean, std over subsets) of ``images`` ([N, 1, 32, 32] in [0, 1])."""
+        return self.score_features(self.features(images))
 
-        x = (load_images("train") + 1) / 2
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:n]
-        return self(x[idx])
+    def floor(self, n: int) -> dict[str, float]:
+        """Real vs real: ``n`` training images from the shipped pool (drawn with ``seed``) scored like samples."""
+        pool = self.reference.train_features
+        if not 2 <= n <= len(pool):
+            raise MaskcError(f"the real-vs-real floor draws from the {len(pool)} training images whose features "
+                             f"ship in the package; got n={n}, expected 2 <= n <= {len(pool)}. Score fewer samples, "
+                             f"or regenerate the shipped statistics with a larger pool: `python examples/make_eval_stats.py "
+                             f"--train-pool {n}` (needs `apt-get install -y dataset-fashion-mnist`)")
+        idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))[:n]
+        return self.score_features(pool[idx])
 
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Fraction of class-conditional samples the classifier assigns to their label."""
