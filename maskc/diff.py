@@ -481,6 +481,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 6px;border-bott
 .sw.dead{background:repeating-linear-gradient(45deg,#fff 0 2px,#999 2px 3px);border-color:#999}
 .sw.glue{background:#9e9e9e;transform:rotate(45deg);width:9px;height:9px;border-color:#9e9e9e}
 .sw.glue-removed{background:#fff;transform:rotate(45deg);width:9px;height:9px;border:2px solid #d62728}
+.sw.glue-partly{background:#9e9e9e;transform:rotate(45deg);width:9px;height:9px;border:2px solid #d62728}
 .sw.fresh{height:0;border:0;border-top:2px solid #404040;width:18px;vertical-align:3px}
 .sw.fromcache{height:0;border:0;border-top:2px dashed #ff7f0e;width:18px;vertical-align:3px}
 .sw.unused{height:0;border:0;border-top:2px dotted #bbb;width:18px;vertical-align:3px}
@@ -554,8 +555,8 @@ def render(an: Analysis, i: int) -> str:
     h.append('<p class=legend><span><i class="sw runs"></i>block runs</span>'
              '<span><i class="sw cached"></i>block read from the cache (faded: not read by this step)</span>'
              '<span><i class="sw dead"></i>block removed as dead code</span>'
-             '<span><i class="sw glue"></i>glue kept</span><span><i class="sw glue-removed"></i>glue removed as dead '
-             'code</span><span><i class="sw fresh"></i>value computed at this step</span>'
+             '<span><i class="sw glue"></i>glue kept</span><span><i class="sw glue-partly"></i>glue partly removed</span>'
+             '<span><i class="sw glue-removed"></i>glue removed as dead code</span><span><i class="sw fresh"></i>value computed at this step</span>'
              '<span><i class="sw fromcache"></i>value read from the cache</span>'
              '<span><i class="sw unused"></i>edge unused at this step</span></p>')
     h.append(f"<p class=sub>x: execution order; y: resolution (deeper is smaller). Edges are the block graph's data "

@@ -72,11 +72,12 @@ def case():
     torch.set_num_threads(1)
     model = tiny_unet()
     names = maskc.blocks(model, example=example(model))
-    T = 4
-    bits = torch.ones(T, len(names), dtype=torch.bool)
-    bits[1, 1:-1] = False  # skip the middle of the U at step 1: down outputs become dead or cached
-    bits[2, ::2] = False
-    bits[3, len(names) // 2:] = False  # (step 3: only planned and measured, not drawn)
+    assert len(names) == 12
+    # Rows chosen so that the drawn steps show every status: cached values read and unread, dead blocks,
+    # glue removed wholly and partly (the time embedding lives on while conv_in dies); step 3 is only measured.
+    rows = ["111111111111", "010110000010", "101000101001", "011001011100"]
+    T = len(rows)
+    bits = torch.tensor([[c == "1" for c in r] for r in rows])
     mask = maskc.Mask(bits, names)
     an = analyze(model, mask, example(model))
     yield model, mask, an, {i: render(an, i) for i in (0, 1, 2)}
@@ -132,6 +133,41 @@ def test_node_diff_shows_removed_nodes_placeholders_and_writes(case) -> None:
     writes = an.schedule.steps[0].writes
     line = re.search(r'<span class="add write">[^<]*</span>', pages[0]).group(0)
     assert writes and all(w in line.split("# then", 1)[1] for w in writes)
+
+
+def expected_glue(an, step: int) -> dict[int, str]:
+    """Item index -> status of every glue segment (a run of non-block nodes between blocks) at the step."""
+    kept = {n.name for n in an.schedule.steps[step].gm.graph.nodes}
+    items: list[list[str] | None] = []  # None for a block, node names for a glue segment
+    for n in an.capture.gm.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if "maskc_block" in n.meta:
+            items.append(None)
+        elif items and items[-1] is not None:
+            items[-1].append(n.name)
+        else:
+            items.append([n.name])
+    out = {}
+    for k, seg in enumerate(items):
+        if seg is not None:
+            gone = sum(x not in kept for x in seg)
+            out[k] = "kept" if gone == 0 else "removed" if gone == len(seg) else "partly-removed"
+    return out
+
+
+def test_glue_removed_as_dead_code_is_marked(case) -> None:
+    _, _, an, pages = case
+    seen = set()
+    for step in (0, 1, 2):
+        got = {}
+        for _, a in parse(pages[step]).elements:
+            m = re.fullmatch(r"glue:([\w-]+):(\d+)", a.get("id") or "")
+            if m:
+                got[int(m.group(2))] = m.group(1)
+        assert got == expected_glue(an, step)
+        seen |= set(got.values())
+    assert seen == {"kept", "removed", "partly-removed"}  # the case exercises all three
 
 
 def test_macs_and_cache_per_step(case) -> None:
