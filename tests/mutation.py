@@ -40,6 +40,7 @@ INV = "tests/test_invariants.py"
 RT = "tests/test_runtime.py"
 EX = "tests/test_exactness.py"
 FUZZ = "tests/test_fuzz_runtime.py"
+PIPE = "tests/test_pipelines.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -126,6 +127,20 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("traces-unbounded", "maskc/runtime.py",
            "            while len(self._plans) > self.max_traces:\n", "            while False:\n",
            "traces pile up without bound", (EX + "::test_trace_eviction_keeps_the_newest",)),
+    Mutant("pipeline-calls-share-a-generation", "maskc/runtime.py",
+           "if self._followed is None or key[0] is not self._followed[0] or key[1] != self._followed[1]:",
+           "if self._followed is None:",
+           "a second pipeline call continues the first one's generation",
+           (PIPE + "::test_ddim_pipeline_equals_reference_twice_after_batch_change_and_after_remove",)),
+    Mutant("timesteps-unchecked", "maskc/runtime.py",
+           "if self._want_ts is not None and not self._ts_checked and self._ts_param is not None:", "if False:",
+           "a mask made for DDIM-20 timesteps is driven with DDIM-50 ones without a word",
+           (PIPE + "::test_compile_refuses_other_timesteps_than_the_mask_records",)),
+    Mutant("same-number-at-two-steps", "maskc/runtime.py",
+           "sp = self._step_plans.get((key, i))",
+           "sp = next((v for (k, _j), v in self._step_plans.items() if k == key), None)",
+           "a Python-number timestep seen at an earlier step reuses that step's graph (another mask row)",
+           (EX + "::test_same_number_timestep_at_two_steps",)),
 )
 
 

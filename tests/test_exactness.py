@@ -233,6 +233,23 @@ def test_number_that_changes_reads_is_refused() -> None:
             assert torch.equal(tm(x, t), ref(x, t))
 
 
+def test_same_number_timestep_at_two_steps() -> None:
+    """Steps traced per Python-number value are still per step: the same value at two steps, two rows."""
+    m = small_unet()
+    names = maskc.blocks(m)
+    bits = torch.ones(4, len(names), dtype=torch.bool)
+    bits[2, ::2] = False
+    bits[3, 1::2] = False
+    x = torch.randn(1, 2, 8, 8)
+    ts = [900, 500, 500, 500]
+    ref = HookReference(m, bits, names)
+    want = [ref(x * (k + 1), t).sample for k, t in enumerate(ts)]
+    tm = maskc.compile(m, maskc.Mask(bits, names))
+    with torch.no_grad(), pytest.warns(UserWarning, match="Python-number"):
+        for k, t in enumerate(ts):
+            assert torch.equal(tm(x * (k + 1), t).sample, want[k]), f"step {k}"
+
+
 @pytest.mark.parametrize("change", ["dtype", "device"])
 def test_dtype_or_device_change_mid_generation(change) -> None:
     m = small_unet()
