@@ -405,6 +405,8 @@ def compile_cmd(args: argparse.Namespace) -> int:
     _threads(args.threads)
     export = None
     if args.out:
+        if not args.out.endswith(".pt2"):
+            raise MaskcError(f"--out {args.out!r} must end in .pt2 (torch's archive format); choose a name like model.pt2")
         try:
             from maskc.export import export
         except ImportError as e:

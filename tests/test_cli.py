@@ -188,6 +188,11 @@ def test_compile_writes_the_artifact(folder, tmp_path, capsys) -> None:
     assert str(out) in capsys.readouterr().out
 
 
+def test_compile_refuses_other_suffixes_before_work(tmp_path, capsys) -> None:
+    assert main(["compile", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "m.txt")]) == 2
+    assert "must end in .pt2" in one_error_line(capsys.readouterr().err)  # checked before the model is read
+
+
 def test_compile_without_export_says_so(folder, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "maskc.export", None)  # as if the module were absent: import fails
     assert main(["compile", "--model", str(folder / "unet"), "--mask", str(folder / "mask.json"),
