@@ -28,7 +28,30 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "run_bench", "code_version"]
+
+
+def code_version() -> str:
+    """A hash of the code that decides learned masks and their cost: ``passes/``, learn.py, runtime.py.
+
+    Part of the key under which learned masks are reused, so that a change to learning or
+    to the compiler learns afresh, and recorded in every result so that ``--phase time``
+    refuses quality figures made by other code.
+    """
+    import hashlib
+    import importlib
+
+    # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
+    learn_py, runtime_py, passes_init = (importlib.import_module(f"maskc.{m}").__file__
+                                         for m in ("learn", "runtime", "passes"))
+    h = hashlib.sha256()
+    pdir = os.path.dirname(passes_init)
+    files = sorted(os.path.join(pdir, f) for f in os.listdir(pdir) if f.endswith(".py"))
+    for path in files + [learn_py, runtime_py]:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
 
 @dataclass
 class BenchConfig:
@@ -81,6 +104,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         raise MaskcError(f"maskc bench knows UNet2DModel and DiTTransformer2DModel folders; {path} holds a "
                          f"{type(model).__name__}")
     T = cfg.steps
+    version = code_version()
     sched = DDIMScheduler(num_train_timesteps=1000)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -117,17 +141,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         methods: list[dict[str, Any]] = []
 
         def learned(target: float, label: str, **kw: Any) -> None:
-            key = {"target": target, "steps": T, "seed": cfg.seed, "guidance_scale": guidance, **cfg.learn_kwargs, **kw}
+            key = {"target": target, "steps": T, "seed": cfg.seed, "guidance_scale": guidance, **cfg.learn_kwargs, **kw,
+                   "code": version}
             tag = "_".join(f"{k}-{v}" for k, v in sorted(kw.items()))
             fpath = os.path.join(cfg.out, "masks", f"{stem}_learned_{target:g}{'_' + tag if tag else ''}.json")
-            mask = None
+            mask, why = None, "relearn requested" if not cfg.reuse_masks else "no stored mask"
             if cfg.reuse_masks and os.path.exists(fpath):
                 m = maskc.Mask.load(fpath)
-                if m.meta.get("provenance", {}).get("bench_key") == key:
+                stored = m.meta.get("provenance", {}).get("bench_key") or {}
+                if stored == key:
                     mask, secs = m, m.meta["provenance"]["learning_seconds"]
-                    log(f"reusing {fpath} (learned in {secs:.0f} s)")
-            if mask is None:
-                log(f"learning {label} ...")
+                    log(f"reusing {fpath} (same settings and code {version}; learned in {secs:.0f} s)")
+                else:
+                    diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+                    why = (f"the code changed since it was learned ({stored.get('code')} -> {version})"
+                           if diff == ["code"] else f"settings differ: {', '.join(diff)}")
+            afresh = mask is None
+            if afresh:
+                log(f"learning {label} afresh ({why}) ...")
                 cond = (lambda k, gen: {"class_labels": torch.arange(k) % n_classes}) if conditional else None
                 uncond = (lambda k, gen: {"class_labels": torch.full((k,), n_classes)}) if conditional else None
                 t0 = time.perf_counter()
@@ -138,7 +169,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 mask.meta["provenance"].update({"learning_seconds": secs, "bench_key": key})
                 mask.save(fpath)
             methods.append({"method": label, "family": "maskc" if not kw else "maskc ablation", "mask": mask,
-                            "learning_s": secs, "target": target, "file": os.path.relpath(fpath, cfg.out)})
+                            "learning_s": secs, "learned_afresh": afresh, "target": target,
+                            "file": os.path.relpath(fpath, cfg.out)})
 
         for tgt in cfg.targets:
             learned(tgt, f"maskc learned, target {tgt:g}")
@@ -197,7 +229,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             imgs = sample_all(tm, tm.reset)
             f = frac(m["mask"])
             rows.append({"method": m["method"], "family": m["family"], "macs_fraction": f,
-                         "learning_s": m.get("learning_s"), "target": m.get("target"), "mask_file": m.get("file"),
+                         "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
+                         "target": m.get("target"), "mask_file": m.get("file"),
                          **score(imgs), **fidelity(imgs, ref)})
             log(f"{rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if m.get("file") is None:
@@ -208,8 +241,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         return rows, floor, main
 
     if cfg.phase == "time":
+        from maskc.errors import MaskcError
+
+        if not os.path.exists(json_path):
+            raise MaskcError(f"{json_path} not found: --phase time times the methods of a quality run; "
+                             f"run with --phase quality first")
         with open(json_path) as f:
             prev = json.load(f)
+        if prev.get("code_version") != version:
+            raise MaskcError(f"{json_path} holds quality figures made by code {prev.get('code_version')}, but this is "
+                             f"code {version} (passes/, learn.py or runtime.py changed); run --phase quality again "
+                             "before timing, so the table never mixes figures of two code versions")
         rows, floor, quality_date = prev["rows"], prev["real_vs_real_floor"], prev["date"]
         main_row = next((r for r in rows if r["family"] == "maskc" and r.get("target") == cfg.main_target), None)
         main = maskc.Mask.load(os.path.join(cfg.out, main_row["mask_file"])) if main_row else None
@@ -244,6 +286,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         "command": _command(cfg),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "phase": "all" if timed else "quality",
+        "code_version": version,
         "quality_date": quality_date,
         "machine": {"cpu_count": os.cpu_count(), "threads": cfg.threads, "time_threads": cfg.time_threads or cfg.threads,
                     "device": "cpu",
@@ -365,7 +408,10 @@ def _markdown(res: dict, plots: list[str]) -> str:
         "PSNR and SSIM: each sample against the original model's sample from the same noise. "
         "MACs: FlopCounterMode over a generation of the compiled mask. Wall time: a batch-"
         f"{res['time_batch']} generation, {res['time_reps']} rounds interleaved with the original; median "
-        "(quartiles in the JSON). Every method runs through the same compiled path.",
+        "(quartiles in the JSON). Every method runs through the same compiled path. "
+        f"Code version {res.get('code_version')} (a hash of passes/, learn.py and runtime.py); learned masks: "
+        + (", ".join(f"{r['method']} {'learned afresh' if r.get('learned_afresh') else 'reused (same code)'}"
+                     for r in rows if r.get("learned_afresh") is not None) or "none") + ".",
         "",
         "| method | learning time | MACs | speed-up (MACs) | speed-up (wall) | FD-FMNIST | FD / original | KID | PSNR dB | SSIM |"
         + (" class acc. |" if "class_accuracy" in orig else "") + " peak mem MiB |",

@@ -53,7 +53,7 @@ def test_shipped_model_and_mask_are_exact() -> None:
 
 def test_demo_runs(tmp_path) -> None:
     out = tmp_path / "demo.png"
-    r = subprocess.run([sys.executable, "-m", "maskc", "demo", "--n", "2", "--reps", "1", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "maskc", "demo", "--n", "2", "--reps", "1", "--threads", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "PSNR" in r.stdout and out.exists()
