@@ -223,7 +223,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         rows.append({"method": "original (full model)", "family": "original", "macs_fraction": 1.0,
                      "learning_s": None, **score(ref), "psnr": None, "ssim": None})
         log(str(rows[-1]))
-        for m in methods:
+        from tqdm.auto import tqdm
+
+        for m in tqdm(methods, desc=f"sampling {cfg.n} per method", unit="method"):
             tm = maskc.compile(model, m["mask"])
             t0 = time.perf_counter()
             imgs = sample_all(tm, tm.reset)
