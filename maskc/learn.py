@@ -1,35 +1,47 @@
-"""Mask learning: the paper's per-timestep optimization, with a MACs budget.
+"""Mask learning in four phases, each a function of its own.
 
-For a frozen backbone and a scheduler, run the original sampler from Gaussian noise
-once (no data set needed). Then, for each step i >= 1, learn a score s[i, b] in
-[0, 1] per block: the masked forward mixes each block's fresh output with its cached
-output using a binary mask sampled from s (Gumbel-Softmax or Bernoulli, straight-
-through gradient). The loss is
+1. ``reference_trajectory``: the original sampler from Gaussian noise (no data set
+   needed): every step's input and output, and delta[i], the relative change of the
+   output from step i-1 to i.
+2. ``optimize_steps``: the paper's per-timestep optimization. For each step i >= 1,
+   a score s[i, b] in [0, 1] per block; the masked forward mixes each block's fresh
+   output with its cached output using a binary mask sampled from s (Gumbel-Softmax
+   or Bernoulli, straight-through gradient). The loss is
 
-    w[i] * fidelity(masked output, original output)
-    + lam * sum_b macs_b * s_b / sum_b macs_b     (L1 sparsity, MACs-weighted)
-    + beta * mean_b s_b (1 - s_b)                 (bimodal: pushes s to 0 or 1)
+       w[i] * fidelity(masked output, original output)
+       + lam * sum_b macs_b * s_b / sum_b macs_b     (L1 sparsity, MACs-weighted)
+       + beta * mean_b s_b (1 - s_b)                 (bimodal: pushes s to 0 or 1)
 
-where w[i] is the timestep-aware scaling from delta[i], the change of the original
-output between consecutive steps (sensitive steps keep fidelity). Only one step's
-graph is back-propagated, so memory is flat in T. Row 0 always runs every block.
+   where w[i] is the timestep-aware scaling from delta[i]. Only one step's graph is
+   back-propagated, so memory is flat in T. ``LearnConfig.cache``: "original" (the
+   paper's setting, the default: steps independent, the cache is the original model's
+   block outputs at step i-1, lam by dual ascent per round of steps, parallel over
+   processes under torchrun) or "masked" (steps in order, step i sees the cache the
+   hard rows already learned leave; an ablation: it is myopic, a fresh cache invites
+   skipping everything and a stale one forces running everything, so it learns
+   alternating whole steps).
+3. ``project_budget``: the runs are ranked by score and the number kept is chosen so
+   that the rectified mask's MACs are closest to the target.
+4. ``refine_trajectory`` (``LearnConfig.refine="search"``, the default): a search over
+   whole masks scored by the PSNR of the final samples of a whole generation from
+   calibration noises, seeded with the projected mask and with the best schedules of
+   every peer family (``maskc.schedules.peer_library``) fitted into the budget; see
+   ``maskc.refine``. ``refine="none"`` returns phase 3's mask (the ablation).
 
-The cache (``LearnConfig.cache``): "masked" (default) learns the steps in order and
-gives step i the cache the rows already learned would leave, stale entries included;
-lam is a dual variable on the remaining MACs budget, updated after each step.
-"original" is the paper's setting: steps independent, the cache is the original
-model's block outputs at step i-1, lam updated by dual ascent per round of steps.
+Budget: the returned mask's MACs, counted by FlopCounterMode over a whole generation
+of the compiled mask (``maskc.rollout.GenerationCost`` counts exactly that), lie in
+[target - 0.03, target + 0.01] whenever phase 3's mask or a peer can be fitted into it;
+on coarse masks (few steps or blocks) where none can, the window is widened to phase
+3's MACs. ``provenance["budget_window"]`` records the window used.
 
-Afterwards the runs are ranked and the number kept is chosen so that the rectified
-mask's MACs, counted by FlopCounterMode on the compiled mask, are closest to the
-budget.
-
-Invariants: deterministic for a given seed; scores are finite (a non-finite loss
-raises); a run with ``checkpoint_dir`` saves each finished step atomically and a
-rerun resumes with the same result.
+Invariants: deterministic for a given seed, whatever the number of torchrun
+processes; scores are finite (a non-finite loss raises); a run with
+``checkpoint_dir`` saves each finished step of phase 2 atomically and a rerun resumes
+with the same result.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -42,9 +54,11 @@ import torch.utils._pytree as pytree
 
 from maskc.errors import MaskcError
 from maskc.mask import Mask
+from maskc.refine import RefineResult, refine
+from maskc.rollout import GenerationCost, Rollout
 from maskc.sampling import denoise, stack_kwargs
 
-__all__ = ["LearnConfig", "learn"]
+__all__ = ["LearnConfig", "learn", "reference_trajectory", "optimize_steps", "project_budget", "refine_trajectory"]
 
 
 @dataclass
@@ -52,9 +66,9 @@ class LearnConfig:
     """Settings of ``maskc.learn`` (defaults follow the paper where it says)."""
 
     target: float = 0.6  # fraction of the full model's MACs to keep over a generation
-    batch: int = 8  # samples in the trajectory used for learning
-    iters: int = 40  # optimizer iterations per step
-    lr: float = 0.1  # Adam on the score logits
+    batch: int = 8  # samples in the trajectory of phase 2
+    iters: int = 20  # optimizer iterations per step
+    lr: float = 0.2  # Adam on the score logits
     init_logit: float = 3.0  # s starts near 1 (everything runs)
     beta: float = 0.05  # bimodal regularizer weight
     lam: float = 0.5  # initial sparsity weight
@@ -64,16 +78,15 @@ class LearnConfig:
     sampling: str = "gumbel"
     gumbel_tau: float = 0.5
     loss_scaling: bool = True  # timestep-aware fidelity weights from delta
-    # "masked": steps are learned in order, and step i's cache holds what the masks
-    # already learned for steps < i would leave in it (stale outputs included), and the
-    # sparsity weight follows the remaining MACs budget step by step. "original": the
-    # paper's setting, each step independent with the original model's outputs of step
-    # i-1 as the cache (parallel over timesteps; blind to entries that go stale over
-    # several skipped steps, see benchmarks/results/bench_unet_ddim20_ablations.md).
-    cache: str = "masked"
+    cache: str = "original"  # phase 2's cache: "original" (the paper) or "masked" (ablation), module docstring
     rectify: bool = True
-    tolerance: float = 0.03  # final MACs within target +- tolerance
     round_size: int = 4  # steps per dual-ascent round (and per torchrun work split)
+    # Phase 4: "search" (whole-trajectory search, maskc.refine) or "none".
+    refine: str = "search"
+    search_batch: int = 8  # calibration noises of the search (split over torchrun processes)
+    search_evals: int = 150  # masks the local search scores after the seeds
+    below: float = 0.03  # the budget window is [target - below, target + above]
+    above: float = 0.01
 
     def validate(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -82,8 +95,12 @@ class LearnConfig:
             raise MaskcError(f"cache must be 'masked' or 'original', got {self.cache!r}")
         if self.sampling not in ("stochastic", "gumbel"):
             raise MaskcError(f"sampling must be 'stochastic' or 'gumbel', got {self.sampling!r}")
-        if self.batch < 1 or self.iters < 1 or self.round_size < 1:
-            raise MaskcError("batch and iters must be positive")
+        if self.refine not in ("search", "none"):
+            raise MaskcError(f"refine must be 'search' or 'none', got {self.refine!r}")
+        if self.batch < 1 or self.iters < 1 or self.round_size < 1 or self.search_batch < 1 or self.search_evals < 0:
+            raise MaskcError("batch, iters, round_size and search_batch must be positive, search_evals >= 0")
+        if self.below < 0 or self.above < 0:
+            raise MaskcError(f"the budget window must contain the target; got below={self.below}, above={self.above}")
 
 
 def _timestep_kw(model: torch.nn.Module) -> str:
@@ -158,6 +175,337 @@ def _atomic_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class Problem:
+    """What every phase needs: the model call on the learning batch, blocks, MACs, timesteps."""
+
+    model: torch.nn.Module
+    scheduler: Any
+    timesteps: torch.Tensor
+    names: list[str]
+    graph: Any  # networkx block graph (maskc.block_graph)
+    macs: torch.Tensor  # per block, float64
+    total: float  # MACs of one full forward
+    tkw: str  # the timestep argument's name
+    guidance_scale: float | None
+    ex_args: tuple  # batch-1 example (the MACs are counted on it)
+    ex_kwargs: dict
+
+    @property
+    def T(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def glue(self) -> float:
+        return self.total - float(self.macs.sum())
+
+    def hard_frac(self, row: torch.Tensor) -> float:
+        """MACs fraction of one step by the block table (phase 2's running estimate, not the exact count)."""
+        return (float((self.macs * row.double()).sum()) + self.glue) / self.total
+
+
+@dataclass
+class Trajectory:
+    """The original sampler's trajectory on one batch: inputs and outputs of every step."""
+
+    xs: list[torch.Tensor]
+    outs: list[torch.Tensor]
+    delta: torch.Tensor  # delta[i]: relative change of the output from step i-1 to i (delta[0] = 0)
+    weights: torch.Tensor  # phase 2's per-step fidelity weights
+
+
+def _conditioning(n: int, g: torch.Generator, cond: Callable | None, uncond: Callable | None,
+                  guidance_scale: float | None) -> tuple[dict, dict]:
+    """(model kwargs of the batch, the conditional part alone) for n samples."""
+    extra = dict(cond(n, g)) if cond is not None else {}
+    if guidance_scale is not None:
+        if uncond is None:
+            raise MaskcError("guidance_scale needs uncond: a callable (n, generator) -> the unconditional model kwargs")
+        return stack_kwargs(extra, dict(uncond(n, g))), extra
+    return extra, extra
+
+
+def reference_trajectory(prob: Problem, x: torch.Tensor, call_kw: dict, loss_scaling: bool,
+                         g: torch.Generator) -> Trajectory:
+    """Phase 1: run the original sampler from ``x``; delta and the fidelity weights from its outputs."""
+    scheduler = copy.deepcopy(prob.scheduler)  # multistep schedulers keep state
+    xs: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    step_kw = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    with torch.no_grad():
+        for t in prob.timesteps:
+            xs.append(x)
+            eps = denoise(prob.model, x, t.to(x.device), call_kw, prob.guidance_scale, timestep_kw=prob.tkw)
+            outs.append(eps)
+            x = scheduler.step(eps, t, x, **step_kw).prev_sample
+    T = prob.T
+    delta = torch.zeros(T)
+    for i in range(1, T):
+        delta[i] = ((outs[i] - outs[i - 1]).norm() / outs[i - 1].norm().clamp_min(1e-12)).item()
+    if loss_scaling and T > 1:
+        w = (delta[1:] / delta[1:].mean().clamp_min(1e-12)).clamp(0.25, 4.0)
+        weights = torch.cat([torch.ones(1), w / w.mean()])
+    else:
+        weights = torch.ones(T)
+    return Trajectory(xs, outs, delta, weights)
+
+
+def optimize_steps(prob: Problem, traj: Trajectory, cfg: LearnConfig, call_kw: dict, seed: int,
+                   checkpoint: tuple[str, dict] | None = None, progress: bool = True) -> torch.Tensor:
+    """Phase 2: per-step scores s[T, B] in [0, 1] (row 0 is all ones), see the module docstring."""
+    names, T = prob.names, prob.T
+    p0 = next(prob.model.parameters())
+    device, dtype = p0.device, p0.dtype
+    w_macs = (prob.macs / prob.macs.sum()).to(torch.float32)
+    state: dict[str, Any] = {"scores": [[1.0] * len(names)], "lam": cfg.lam, "partial": {}}
+    ckpt, key = checkpoint if checkpoint is not None else (None, None)
+    if ckpt is not None and os.path.exists(ckpt):
+        with open(ckpt) as f:
+            saved = json.load(f)
+        if saved.get("key") != key:
+            raise MaskcError(
+                f"checkpoint {ckpt} was made with other settings (model blocks, timesteps, seed or config); "
+                "use another checkpoint_dir or delete it"
+            )
+        state = saved["state"]
+    if len(state["scores"]) >= T:
+        return torch.tensor(state["scores"], dtype=torch.float64)
+
+    def call(xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoise(prob.model, xx, t.to(device), call_kw, prob.guidance_scale, timestep_kw=prob.tkw)
+
+    mixer = _Mixer(prob.model, names)
+    rank, world = _dist_rank_world()
+    bar = None
+    if progress and rank == 0:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=T, initial=len(state["scores"]), desc="maskc learn: per-step scores", unit="step")
+        except ImportError:
+            bar = None
+
+    def advance(i: int, row: torch.Tensor) -> None:
+        """Masked mode: run step i with a hard row, so the cache holds what it will at inference."""
+        mixer.m, mixer.mode = row.to(device, dtype), "advance"
+        with torch.no_grad():
+            call(traj.xs[i], prob.timesteps[i])
+        mixer.mode = "off"
+
+    def train_step(i: int, lam: float) -> tuple[list[float], float]:
+        """Scores of step i, learned with sparsity weight ``lam``, and their expected MACs fraction."""
+        if cfg.cache == "original":
+            mixer.mode = "record"  # the cache: the original model's block outputs at step i-1
+            with torch.no_grad():
+                call(traj.xs[i - 1], prob.timesteps[i - 1])
+            mixer.cache = dict(mixer.record)
+            mixer.record = {}
+        saved_cache = mixer.cache
+        target_out = traj.outs[i]
+        scale = target_out.pow(2).mean().clamp_min(1e-12)
+        gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+        logits = torch.full((len(names),), cfg.init_logit, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=cfg.lr)
+        mixer.mode = "mix"
+        for _ in range(cfg.iters):
+            s = torch.sigmoid(logits)
+            u = torch.rand(len(names), generator=gi)
+            if cfg.sampling == "stochastic":
+                hard = (u < s).float()
+                m = hard + s - s.detach()
+            else:
+                # Binary Gumbel-Softmax: the difference of two Gumbel variables is logistic noise.
+                uc = u.clamp(1e-6, 1 - 1e-6)
+                soft = torch.sigmoid((logits + torch.log(uc) - torch.log1p(-uc)) / cfg.gumbel_tau)
+                m = (soft > 0.5).float() + soft - soft.detach()
+            mixer.m = m.to(device, dtype)
+            out = call(traj.xs[i], prob.timesteps[i])
+            fid = (out - target_out).pow(2).mean() / scale
+            loss = traj.weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
+            if not torch.isfinite(loss):
+                raise MaskcError(
+                    f"mask learning diverged at step {i}: the loss is {float(loss)} (fidelity {float(fid)}); "
+                    "check that the model's output is finite for the sampler's inputs, or lower lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        mixer.mode = "off"
+        mixer.cache = saved_cache
+        s = torch.sigmoid(logits.detach())
+        expected = (float((w_macs.double() * s.double()).sum() * prob.macs.sum()) + prob.glue) / prob.total
+        return [float(v) for v in s], expected
+
+    def save() -> None:
+        if ckpt is not None and rank == 0:
+            _atomic_json(ckpt, {"key": key, "state": state})
+
+    try:
+        if cfg.cache == "masked":
+            # Steps in order; every process computes every step (the cache makes them sequential).
+            def hard(k: int) -> torch.Tensor:  # row 0's stored scores are all 1.0
+                return torch.tensor(state["scores"][k]) > 0.5
+
+            for k in range(len(state["scores"])):  # replay the hard rows learned so far (resume)
+                advance(k, hard(k))
+            while len(state["scores"]) < T:
+                i = len(state["scores"])
+                lam = float(state["lam"])
+                # dual ascent toward the per-step fraction the remaining steps may still use
+                need = (cfg.target * T - sum(prob.hard_frac(hard(k)) for k in range(i))) / (T - i)
+                sc, _ = train_step(i, lam)
+                state["scores"].append(sc)
+                row = hard(i)
+                advance(i, row)
+                state["lam"] = max(0.0, lam + cfg.lam_lr * (prob.hard_frac(row) - min(max(need, 0.0), 1.0)))
+                save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{prob.hard_frac(row):.2f}")
+        # Rounds of ``round_size`` steps share one sparsity weight; lam is updated by dual
+        # ascent after each round. The rounds do not depend on the number of processes, so
+        # torchrun with any --nproc-per-node gives the scores one process gives.
+        while len(state["scores"]) < T:
+            start = len(state["scores"])
+            round_steps = list(range(start, min(start + cfg.round_size, T)))
+            lam = float(state["lam"])
+            partial = {int(k): v for k, v in state.get("partial", {}).items()}
+            for k, i in enumerate(round_steps):
+                if i in partial or k % world != rank:
+                    continue
+                partial[i] = list(train_step(i, lam))
+                state["partial"] = {str(j): v for j, v in partial.items()}
+                if world == 1:
+                    save()
+                if bar is not None:
+                    bar.update(1)
+            if world > 1:
+                import torch.distributed as dist
+
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, partial)
+                for part in gathered:
+                    partial.update({int(k): v for k, v in part.items()})
+                if bar is not None:
+                    bar.update(len(round_steps) - sum(1 for k in range(len(round_steps)) if k % world == rank))
+            for i in round_steps:
+                state["scores"].append(partial[i][0])
+            mean_expected = sum(partial[i][1] for i in round_steps) / len(round_steps)
+            state["lam"] = max(0.0, lam + cfg.lam_lr * (mean_expected - cfg.target))
+            state["partial"] = {}
+            save()
+            if bar is not None:
+                bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{mean_expected:.2f}")
+    finally:
+        mixer.close()
+        if bar is not None:
+            bar.close()
+    return torch.tensor(state["scores"], dtype=torch.float64)
+
+
+def project_budget(prob: Problem, scores: torch.Tensor, weights: torch.Tensor, cost: GenerationCost, target: float,
+                   learned_first: bool, rectify: bool = True) -> tuple[torch.Tensor, float]:
+    """Phase 3: (bits, exact MACs fraction) keeping the top-k runs of steps >= 1, k closest to ``target``.
+
+    Runs are ranked by score (ties: the step's fidelity weight, then cheaper blocks
+    first); with ``learned_first`` the runs phase 2 chose (score > 0.5) come first. Every k
+    is counted (``cost`` memoizes rows): rectification makes the fraction not quite monotone in k.
+    """
+    T, B = scores.shape
+    first = (scores > 0.5) if learned_first else torch.zeros_like(scores, dtype=torch.bool)
+    order = sorted(
+        ((i, j) for i in range(1, T) for j in range(B)),
+        key=lambda ij: (not bool(first[ij[0], ij[1]]), -float(scores[ij[0], ij[1]]), -float(weights[ij[0]]),
+                        float(prob.macs[ij[1]])),
+    )
+    measured: dict[int, tuple[torch.Tensor, float]] = {}
+    b = torch.zeros(T, B, dtype=torch.bool)
+    b[0] = True
+    prefix = [b.clone()]
+    for i, j in order:
+        b[i, j] = True
+        prefix.append(b.clone())
+
+    def keep(k: int) -> tuple[torch.Tensor, float]:
+        if k not in measured:
+            bk = cost.rectify(prefix[k]) if rectify else prefix[k]
+            measured[k] = (bk, cost.fraction(bk, rectified=True) if rectify else _unrectified(cost, bk))
+        return measured[k]
+
+    # Rectification makes the fraction only roughly monotone in k: scan every k (exact counts are memoized per row).
+    best = min(range(len(order) + 1), key=lambda k: (abs(keep(k)[1] - target), k))
+    return keep(best)
+
+
+def _unrectified(cost: GenerationCost, b: torch.Tensor) -> float:
+    """MACs of a mask run as it is (the runtime's dead-code elimination only; rectify=False ablation)."""
+    return cost.fraction(b)  # exact rectification changes no measured MACs (benchmarks/results/rectify.md)
+
+
+def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, scores: torch.Tensor,
+                      traj: Trajectory, cost: GenerationCost, cond: Callable | None, uncond: Callable | None,
+                      seed: int, lo: float, hi: float, progress: bool = True) -> RefineResult | None:
+    """Phase 4: whole-trajectory search from the projected mask and the peers (``maskc.refine``).
+
+    The calibration noises are ``search_batch`` fresh draws from the seed, split over
+    torchrun processes (each scores its share; the PSNRs are summed over processes).
+    """
+    from maskc.schedules import peer_library
+
+    rank, world = _dist_rank_world()
+    g = torch.Generator(device="cpu").manual_seed(seed * 7919 + 17)
+    n = cfg.search_batch
+    call_kw, _ = _conditioning(n, g, cond, uncond, prob.guidance_scale)
+    p0 = next(prob.model.parameters())
+    noise = torch.randn((n, *traj.xs[0].shape[1:]), generator=g).to(p0.device, p0.dtype)
+    share = [k for k in range(n) if k % world == rank]
+    if world > 1:
+        idx = torch.tensor(share)
+        noise = noise[idx]
+        call_kw = _take(call_kw, idx, n, prob.guidance_scale is not None)
+    rollout = Rollout(prob.model, prob.names, prob.scheduler, noise, call_kw, prob.guidance_scale, prob.tkw,
+                      seed=seed, world=(world, n))
+    B = len(prob.names)
+    step_rows = []
+    for i in range(prob.T):  # the step's learned top-m blocks, every m
+        order = torch.argsort(-scores[i], stable=True)
+        rows = []
+        for m in range(1, B):
+            r = torch.zeros(B, dtype=torch.bool)
+            r[order[:m]] = True
+            rows.append(r)
+        step_rows.append(rows)
+    peers = peer_library(prob.names, prob.T, delta=traj.delta.tolist())
+    bar = None
+    if progress and rank == 0:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.search_evals, desc="maskc learn: trajectory search", unit="mask")
+        except ImportError:
+            bar = None
+
+    def tick(done: int, p: float, f: float) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+            bar.set_postfix(psnr=f"{p:.2f}", macs=f"{f:.3f}")
+
+    try:
+        return refine(rollout, cost, [("learned (phase 3)", bits)], peers, lo, hi, priority=traj.delta.tolist(),
+                      step_rows=step_rows, evaluations=cfg.search_evals, seed=seed, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _take(kw: dict, idx: torch.Tensor, n: int, stacked: bool) -> dict:
+    """The samples ``idx`` of batch kwargs (of a [cond; uncond] stack of 2n when ``stacked``)."""
+    rows = torch.cat([idx, idx + n]) if stacked else idx
+    full = 2 * n if stacked else n
+    return pytree.tree_map(lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == full
+                           else v, kw)
+
+
 def learn(
     model: Any,
     scheduler: Any = None,
@@ -174,7 +522,7 @@ def learn(
     progress: bool = True,
     **overrides: Any,
 ) -> Mask:
-    """Learn a T x B mask keeping about ``target`` of the model's MACs (see the module docstring).
+    """Learn a T x B mask keeping ``target`` of the model's MACs (see the module docstring).
 
     ``cond(n, generator)`` gives the model kwargs of a batch of n (class labels,
     ``encoder_hidden_states``...). With ``guidance_scale``, ``uncond(n, generator)``
@@ -187,7 +535,6 @@ def learn(
     learns for its backbone, a copy of its scheduler, its step count and its
     conditioning (see ``maskc.pipelines.learn_inputs``).
     """
-    import maskc
     from maskc.pipelines import PIPELINE_LEARN_ARGS, is_pipeline, learn_inputs
 
     if is_pipeline(model):
@@ -207,245 +554,81 @@ def learn(
                          "or pass a diffusers pipeline: learn(pipe, target=..., num_inference_steps=...)")
 
     cfg = config or LearnConfig()
+    unknown = sorted(set(overrides) - set(asdict(cfg)))
+    if unknown:
+        raise MaskcError(f"unknown learning settings {unknown}; LearnConfig has {sorted(asdict(cfg))}")
     cfg = LearnConfig(**{**asdict(cfg), "target": target, **overrides})
     cfg.validate()
     model.eval()
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
+    try:
+        return _learn(model, scheduler, steps, sample_shape, cfg, seed, cond, uncond, guidance_scale, blocks,
+                      checkpoint_dir, progress)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(was_grad[n])
+
+
+def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Sequence[int], cfg: LearnConfig,
+           seed: int, cond: Callable | None, uncond: Callable | None, guidance_scale: float | None,
+           blocks: Sequence[str] | None, checkpoint_dir: str | None, progress: bool) -> Mask:
+    import maskc
+
     p0 = next(model.parameters())
     device, dtype = p0.device, p0.dtype
-    N = cfg.batch
     g = torch.Generator(device="cpu").manual_seed(seed)
-    extra = dict(cond(N, g)) if cond is not None else {}
-    if guidance_scale is not None:
-        if uncond is None:
-            raise MaskcError("guidance_scale needs uncond: a callable (n, generator) -> the unconditional model kwargs")
-        call_kw = stack_kwargs(extra, dict(uncond(N, g)))
-    else:
-        call_kw = extra
+    call_kw, extra = _conditioning(cfg.batch, g, cond, uncond, guidance_scale)
     tkw = _timestep_kw(model)
+    scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
-    T = len(timesteps)
-    x = torch.randn((N, *sample_shape), generator=g).to(device, dtype)
-
-    def call(xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoise(model, xx, t.to(device), call_kw, guidance_scale, timestep_kw=tkw)
+    x = torch.randn((cfg.batch, *sample_shape), generator=g).to(device, dtype)
 
     # Block set, MACs per block and the block graph (for rectification) from one example.
-    ex_args, ex_kwargs = (x[:1],), {tkw: timesteps[0].reshape(1).to(device), **{k: _slice1(v) for k, v in extra.items()}}
+    ex_args = (x[:1],)
+    ex_kwargs = {tkw: timesteps[0].reshape(1).to(device), **{k: _slice1(v) for k, v in extra.items()}}
     names = list(blocks) if blocks is not None else maskc.blocks(model, example=(ex_args, ex_kwargs))
     graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
     macs = torch.tensor([float(graph.nodes[n]["macs"]) for n in names], dtype=torch.float64)
-    total = float(graph.graph["total_macs"])
-    glue = total - float(macs.sum())
     if macs.sum() <= 0:
         raise MaskcError("the blocks have no MACs to save (FlopCounterMode counted none)")
-    w_macs = (macs / macs.sum()).to(torch.float32)
+    prob = Problem(model, scheduler, timesteps, names, graph, macs, float(graph.graph["total_macs"]), tkw,
+                   guidance_scale, ex_args, ex_kwargs)
 
-    # The original trajectory: inputs and outputs of every step.
-    xs: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-    with torch.no_grad():
-        for t in timesteps:
-            xs.append(x)
-            eps = call(x, t)
-            outs.append(eps)
-            step_kw = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
-            x = scheduler.step(eps, t, x, **step_kw).prev_sample
-    delta = torch.zeros(T)
-    for i in range(1, T):
-        delta[i] = ((outs[i] - outs[i - 1]).norm() / outs[i - 1].norm().clamp_min(1e-12)).item()
-    if cfg.loss_scaling and T > 1:
-        w = (delta[1:] / delta[1:].mean().clamp_min(1e-12)).clamp(0.25, 4.0)
-        weights = torch.cat([torch.ones(1), w / w.mean()])
-    else:
-        weights = torch.ones(T)
-
-    # Resume.
-    state: dict[str, Any] = {"scores": [[1.0] * len(names)], "lam": cfg.lam, "partial": {}}
+    traj = reference_trajectory(prob, x, call_kw, cfg.loss_scaling, g)
     ckpt = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        ckpt = os.path.join(checkpoint_dir, "learn_state.json")
         key = {"names": names, "timesteps": [float(t) for t in timesteps], "seed": seed, "config": asdict(cfg)}
-        if os.path.exists(ckpt):
-            with open(ckpt) as f:
-                saved = json.load(f)
-            if saved.get("key") != key:
-                raise MaskcError(
-                    f"checkpoint {ckpt} was made with other settings (model blocks, timesteps, seed or config); "
-                    "use another checkpoint_dir or delete it"
-                )
-            state = saved["state"]
-    mixer = _Mixer(model, names)
-    rank, world = _dist_rank_world()
-    bar = None
-    if progress and rank == 0:
-        try:
-            from tqdm.auto import tqdm
+        ckpt = (os.path.join(checkpoint_dir, "learn_state.json"), key)
+    scores = optimize_steps(prob, traj, cfg, call_kw, seed, ckpt, progress)
 
-            bar = tqdm(total=T, initial=len(state["scores"]), desc="maskc learn", unit="step")
-        except ImportError:
-            bar = None
-    def hard_frac(row: torch.Tensor) -> float:
-        return (float((macs * row.double()).sum()) + glue) / total
-
-    def advance(i: int, row: torch.Tensor) -> None:
-        """Masked mode: run step i with a hard row, so the cache holds what it will at inference."""
-        mixer.m, mixer.mode = row.to(device, dtype), "advance"
-        with torch.no_grad():
-            call(xs[i], timesteps[i])
-        mixer.mode = "off"
-
-    def train_step(i: int, lam: float) -> tuple[list[float], float]:
-        """Scores of step i, learned with sparsity weight ``lam``, and their expected MACs fraction."""
-        if cfg.cache == "original":
-            mixer.mode = "record"  # the cache: the original model's block outputs at step i-1
-            with torch.no_grad():
-                call(xs[i - 1], timesteps[i - 1])
-            mixer.cache = dict(mixer.record)
-            mixer.record = {}
-        saved_cache = mixer.cache
-        target_out = outs[i]
-        scale = target_out.pow(2).mean().clamp_min(1e-12)
-        gi = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
-        logits = torch.full((len(names),), cfg.init_logit, requires_grad=True)
-        opt = torch.optim.Adam([logits], lr=cfg.lr)
-        mixer.mode = "mix"
-        for _ in range(cfg.iters):
-            s = torch.sigmoid(logits)
-            u = torch.rand(len(names), generator=gi)
-            if cfg.sampling == "stochastic":
-                hard = (u < s).float()
-                m = hard + s - s.detach()
-            else:
-                # Binary Gumbel-Softmax: the difference of two Gumbel variables is logistic noise.
-                uc = u.clamp(1e-6, 1 - 1e-6)
-                soft = torch.sigmoid((logits + torch.log(uc) - torch.log1p(-uc)) / cfg.gumbel_tau)
-                m = (soft > 0.5).float() + soft - soft.detach()
-            mixer.m = m.to(device, dtype)
-            out = call(xs[i], timesteps[i])
-            fid = (out - target_out).pow(2).mean() / scale
-            loss = weights[i] * fid + lam * (w_macs * s).sum() + cfg.beta * (s * (1 - s)).mean()
-            if not torch.isfinite(loss):
-                raise MaskcError(
-                    f"mask learning diverged at step {i}: the loss is {float(loss)} (fidelity {float(fid)}); "
-                    "check that the model's output is finite for the sampler's inputs, or lower lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        mixer.mode = "off"
-        mixer.cache = saved_cache
-        s = torch.sigmoid(logits.detach())
-        expected = (float((w_macs.double() * s.double()).sum() * macs.sum()) + glue) / total
-        return [float(v) for v in s], expected
-
-    try:
-        if cfg.cache == "masked":
-            # Steps in order; every process computes every step (the cache makes them
-            # sequential), so torchrun gives the same mask, without the speed-up.
-            def hard(k: int) -> torch.Tensor:  # row 0's stored scores are all 1.0
-                return torch.tensor(state["scores"][k]) > 0.5
-
-            for k in range(len(state["scores"])):  # replay the hard rows learned so far (resume)
-                advance(k, hard(k))
-            while len(state["scores"]) < T:
-                i = len(state["scores"])
-                lam = float(state["lam"])
-                # dual ascent toward the per-step fraction the remaining steps may still use
-                need = (cfg.target * T - sum(hard_frac(hard(k)) for k in range(i))) / (T - i)
-                sc, _ = train_step(i, lam)
-                state["scores"].append(sc)
-                row = hard(i)
-                advance(i, row)
-                state["lam"] = max(0.0, lam + cfg.lam_lr * (hard_frac(row) - min(max(need, 0.0), 1.0)))
-                if ckpt is not None and rank == 0:
-                    _atomic_json(ckpt, {"key": key, "state": state})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{hard_frac(row):.2f}")
-        # Rounds of ``round_size`` steps share one sparsity weight; lam is updated by dual
-        # ascent after each round. The rounds do not depend on the number of processes, so
-        # torchrun with any --nproc-per-node gives the mask one process gives.
-        while len(state["scores"]) < T:
-            start = len(state["scores"])
-            round_steps = list(range(start, min(start + cfg.round_size, T)))
-            lam = float(state["lam"])
-            partial = {int(k): v for k, v in state.get("partial", {}).items()}
-            for k, i in enumerate(round_steps):
-                if i in partial or k % world != rank:
-                    continue
-                partial[i] = list(train_step(i, lam))
-                state["partial"] = {str(j): v for j, v in partial.items()}
-                if ckpt is not None and world == 1:
-                    _atomic_json(ckpt, {"key": key, "state": state})
-                if bar is not None:
-                    bar.update(1)
-            if world > 1:
-                import torch.distributed as dist
-
-                gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, partial)
-                for part in gathered:
-                    partial.update({int(k): v for k, v in part.items()})
-            for i in round_steps:
-                state["scores"].append(partial[i][0])
-            mean_expected = sum(partial[i][1] for i in round_steps) / len(round_steps)
-            state["lam"] = max(0.0, lam + cfg.lam_lr * (mean_expected - cfg.target))
-            state["partial"] = {}
-            if ckpt is not None and rank == 0:
-                _atomic_json(ckpt, {"key": key, "state": state})
-            if bar is not None:
-                bar.set_postfix(lam=f"{state['lam']:.3f}", kept=f"{mean_expected:.2f}")
-    finally:
-        mixer.close()
-        if bar is not None:
-            bar.close()
-        for n, p in model.named_parameters():
-            p.requires_grad_(was_grad[n])
-    scores = torch.tensor(state["scores"], dtype=torch.float64)
-    ex_t = [t.reshape(1).to(device) for t in timesteps]
-
-    # Budget: rank the runs of steps >= 1 by learned score (ties: the step's fidelity
-    # weight, then cheaper blocks first), keep the top k, rectify; the generation's MACs,
-    # counted by FlopCounterMode on the compiled mask (so glue that dies with the blocks
-    # it fed is counted), grow with k: binary-search the k closest to the target.
-    full_flops = measured_flops(model, None, ex_args, ex_kwargs, tkw, ex_t)
-    # In masked mode the runs the steps chose (score > 0.5) come first, so k near their
-    # count reproduces the learned rows and the search only trims or adds marginal runs.
-    first = (scores > 0.5) if cfg.cache == "masked" else torch.zeros_like(scores, dtype=torch.bool)
-    order = sorted(
-        ((i, j) for i in range(1, T) for j in range(len(names))),
-        key=lambda ij: (not bool(first[ij[0], ij[1]]), -float(scores[ij[0], ij[1]]), -float(weights[ij[0]]),
-                        float(macs[ij[1]])),
-    )
-    measured: dict[int, tuple[torch.Tensor, float]] = {}
-
-    def keep(k: int) -> tuple[torch.Tensor, float]:
-        if k not in measured:
-            b = torch.zeros(T, len(names), dtype=torch.bool)
-            b[0] = True
-            for i, j in order[:k]:
-                b[i, j] = True
-            if cfg.rectify:
-                from maskc.passes.rectify import rectify_bits
-
-                b = rectify_bits(b, names, graph)[0]
-            f = measured_flops(model, Mask(b, names), ex_args, ex_kwargs, tkw, ex_t) / full_flops
-            measured[k] = (b, f)
-        return measured[k]
-
-    lo_k, hi_k = 0, len(order)
-    while lo_k < hi_k:
-        mid = (lo_k + hi_k) // 2
-        if keep(mid)[1] >= cfg.target:
-            hi_k = mid
-        else:
-            lo_k = mid + 1
-    best = min({max(lo_k - 1, 0), lo_k}, key=lambda k: abs(keep(k)[1] - cfg.target))
-    bits, frac = keep(best)
+    cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
+    bits, frac = project_budget(prob, scores, traj.weights, cost, cfg.target, cfg.cache == "masked", cfg.rectify)
+    lo, hi = cfg.target - cfg.below, cfg.target + cfg.above
+    search: dict[str, Any] = {}
+    res = None
+    if cfg.refine == "search":
+        res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
+        if res is None:  # coarse masks (few steps or blocks): widen the window to the projection's MACs
+            lo, hi = min(lo, frac), max(hi, frac)
+            res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
+    else:
+        lo, hi = min(lo, frac), max(hi, frac)
+    if res is not None:
+        bits, frac = res.bits, res.macs_fraction
+        better = [p for p in res.peers if p["macs_fraction"] <= frac + 1e-12]
+        best_peer = max(better, key=lambda p: p["psnr"]) if better else None
+        search = {
+            "calibration_psnr": res.psnr,
+            "started_from": res.seed,
+            "masks_scored": res.evaluations,
+            "improvements": [list(h) for h in res.history],
+            "best_peer_no_more_macs": best_peer,
+            "margin_db": res.psnr - best_peer["psnr"] if best_peer else None,
+            "peers_scored": len(res.peers),
+        }
     mask = Mask(
         bits,
         names,
@@ -453,13 +636,16 @@ def learn(
             "scheduler": type(scheduler).__name__,
             "timesteps": [float(t) for t in timesteps],
             "provenance": {
-                "method": "learned (He & Gao 2026, per-timestep)",
+                "method": "learned (He & Gao 2026, per-timestep)" + (" + trajectory search" if search else ""),
                 "seed": seed,
                 "config": asdict(cfg),
-                "delta": [float(v) for v in delta],
-                "loss_weights": [float(v) for v in weights],
+                "delta": [float(v) for v in traj.delta],
+                "loss_weights": [float(v) for v in traj.weights],
+                "scores": [[round(float(v), 4) for v in row] for row in scores],
                 "macs_fraction": frac,
+                "budget_window": [lo, hi],
                 "guidance_scale": guidance_scale,
+                **({"search": search} if search else {}),
             },
         },
     )

@@ -1,0 +1,183 @@
+"""Whole generations under hard masks, for learning: their MACs and their final samples.
+
+Two measurements that mask learning needs many times, made cheap:
+
+- ``GenerationCost``: the MACs fraction of a mask, as ``FlopCounterMode`` counts it
+  over a whole generation of the compiled mask. The mask is rectified exactly first
+  (``passes.rectify``); step i's FLOPs are then those of the step graph of its
+  rectified row, which depend on that row alone, so they are counted once per
+  distinct row and summed. Invariant: ``fraction(bits)`` equals
+  ``measured_flops(model, Mask(rectified bits)) / measured_flops(model, None)``.
+- ``Rollout``: the final samples of a generation from fixed calibration noises under
+  a mask, by the captured step graphs (skipped blocks are not run; a skipped block
+  reads its latest computed output, which is what the runtime's cache holds).
+  The state before every step of the last accepted mask (sample, cache, scheduler) is
+  kept, so a candidate that first differs from it at step d is run from d only.
+  Invariant: ``psnr(bits)`` is the mean PSNR, over the calibration samples, of the
+  final samples in [0, 1] against the unmasked generation from the same noises.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Callable, Sequence
+
+import networkx as nx
+import torch
+import torch.utils._pytree as pytree
+
+from maskc.passes.capture import capture, flatten_inputs
+from maskc.passes.rectify import rectify_bits
+from maskc.passes.rewrite import StepGraph, rewrite_step
+from maskc.sampling import denoise
+
+__all__ = ["GenerationCost", "Rollout"]
+
+
+def _row_key(row: torch.Tensor) -> bytes:
+    return bytes(row.to(torch.uint8).tolist())
+
+
+class _Graphs:
+    """Step graphs of one capture, one per distinct row (skipped blocks read, every run block written)."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], args: tuple, kwargs: dict) -> None:
+        self.names = list(names)
+        self.capture = capture(model, self.names, args, kwargs)
+        self._memo: dict[bytes, StepGraph] = {}
+
+    def step(self, row: torch.Tensor) -> StepGraph:
+        key = _row_key(row)
+        sg = self._memo.get(key)
+        if sg is None:
+            on = row.tolist()
+            skip = [b for b, r in zip(self.names, on) if not r]
+            runs = [b for b, r in zip(self.names, on) if r]
+            sg = rewrite_step(self.capture.gm, self.capture.block_nodes, skip, runs)
+            self._memo[key] = sg
+        return sg
+
+    def flat(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        leaves, _ = flatten_inputs(self.capture.signature, args, kwargs)
+        return [leaves[j] for j in self.capture.tensor_leaf_index]
+
+
+class GenerationCost:
+    """MACs fraction of masks over one generation, counted per distinct rectified row (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], graph: nx.DiGraph, ex_args: tuple,
+                 ex_kwargs: dict) -> None:
+        self.names = list(names)
+        self.graph = graph
+        self._graphs = _Graphs(model, self.names, ex_args, ex_kwargs)
+        self._inputs = self._graphs.flat(ex_args, ex_kwargs)
+        self._memo: dict[bytes, int] = {}
+        self._full_cache: dict[str, Any] | None = None
+        self.full_step = self.row_flops(torch.ones(len(self.names), dtype=torch.bool))
+
+    def row_flops(self, row: torch.Tensor) -> int:
+        """FLOPs of one step whose (rectified) row is ``row``."""
+        key = _row_key(row)
+        f = self._memo.get(key)
+        if f is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            sg = self._graphs.step(row)
+            if sg.reads and self._full_cache is None:  # what skipped blocks read: their full-run outputs
+                full = self._graphs.step(torch.ones(len(self.names), dtype=torch.bool))
+                with torch.no_grad():
+                    out = full.gm(*self._inputs)
+                self._full_cache = dict(zip(full.writes, out[full.n_outputs:]))
+            cache = self._full_cache or {}
+            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+                sg.gm(*self._inputs, *[cache[b] for b in sg.reads])
+            f = fc.get_total_flops()
+            self._memo[key] = f
+        return f
+
+    def rectify(self, bits: torch.Tensor) -> torch.Tensor:
+        return rectify_bits(bits, self.names, self.graph)[0]
+
+    def fraction(self, bits: torch.Tensor, rectified: bool = False) -> float:
+        """The generation's FLOPs under ``bits`` over the original's (``rectified``: bits already are)."""
+        b = bits if rectified else self.rectify(bits)
+        return sum(self.row_flops(r) for r in b) / (self.full_step * b.shape[0])
+
+
+class Rollout:
+    """Final samples of masked generations from fixed noises, rerun from the first changed step."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], scheduler: Any, noise: torch.Tensor,
+                 call_kw: dict, guidance_scale: float | None, timestep_kw: str, seed: int = 0,
+                 world: tuple[int, int] | None = None) -> None:
+        self.names = list(names)
+        self.scheduler = copy.deepcopy(scheduler)
+        self.timesteps = list(self.scheduler.timesteps)
+        self.T = len(self.timesteps)
+        self.call_kw = call_kw
+        self.guidance = guidance_scale
+        self.tkw = timestep_kw
+        self.seed = seed
+        self.world = world  # (processes, samples in all): this process holds a share; psnr sums over processes
+        self._gen_kw = "generator" in inspect.signature(self.scheduler.step).parameters
+        xin = torch.cat([noise, noise]) if guidance_scale is not None else noise
+        tt = torch.as_tensor(self.timesteps[0], device=noise.device).reshape(1).expand(xin.shape[0])
+        self._graphs = _Graphs(model, self.names, (xin,), {timestep_kw: tt, **call_kw})
+        self.evaluations = 0  # steps run, for reports
+        full = torch.ones(self.T, len(self.names), dtype=torch.bool)
+        self._bits: torch.Tensor | None = None
+        self._states: list[tuple[torch.Tensor, dict, Any]] = [(noise, {}, copy.deepcopy(self.scheduler))]
+        self.reference = self._run(full, commit=True)
+
+    def _model_fn(self, row: torch.Tensor, cache: dict) -> Callable:
+        sg = self._graphs.step(row)
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            out = sg.gm(*self._graphs.flat(args, kwargs), *[cache[b] for b in sg.reads])
+            for b, v in zip(sg.writes, out[sg.n_outputs:]):
+                cache[b] = v
+            return pytree.tree_unflatten(list(out[: sg.n_outputs]), self._graphs.capture.out_spec)
+
+        return fn
+
+    def _run(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
+        d = 0
+        if self._bits is not None:
+            diff = (bits != self._bits).any(dim=1).nonzero()
+            d = int(diff[0]) if len(diff) else self.T
+        x, cache, sched = self._states[d]
+        cache, sched = dict(cache), copy.deepcopy(sched)
+        states = list(self._states[: d + 1])
+        with torch.no_grad():
+            for i in range(d, self.T):
+                t = self.timesteps[i]
+                eps = denoise(self._model_fn(bits[i], cache), x, t, self.call_kw, self.guidance, timestep_kw=self.tkw)
+                kw = {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i)} if self._gen_kw else {}
+                x = sched.step(eps, t, x, **kw).prev_sample
+                self.evaluations += 1
+                states.append((x, dict(cache), copy.deepcopy(sched)))
+        self._pending = (bits.clone(), states)
+        if commit:
+            self.accept()
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def accept(self) -> None:
+        """Make the mask of the last ``final``/``psnr`` call the one later candidates are rerun from."""
+        self._bits, self._states = self._pending
+
+    def final(self, bits: torch.Tensor, commit: bool = False) -> torch.Tensor:
+        """Final samples in [0, 1] under ``bits`` (row 0 must run every block that a later row skips)."""
+        return self._run(bits, commit)
+
+    def psnr(self, bits: torch.Tensor, commit: bool = False) -> float:
+        """Mean PSNR (dB) of the final samples under ``bits`` against the unmasked ones."""
+        img = self._run(bits, commit)
+        mse = (img.double() - self.reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        psnr = 10 * torch.log10(1 / mse)
+        if self.world is None or self.world[0] == 1:
+            return float(psnr.mean())
+        import torch.distributed as dist
+
+        total = psnr.sum().reshape(1)
+        dist.all_reduce(total)  # the same sum on every process, so every process takes the same decisions
+        return float(total) / self.world[1]
