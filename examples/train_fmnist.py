@@ -1,16 +1,28 @@
-"""Train a small DDPM U-Net (the google/ddpm-cifar10-32 topology at reduced width), or a
-class-conditional DiT (``--arch dit``, diffusers' DiTTransformer2DModel), on Fashion-MNIST.
+"""Train a small DDPM U-Net (the google/ddpm-cifar10-32 topology at reduced width), a
+class-conditional DiT (``--arch dit``, diffusers' DiTTransformer2DModel), or a
+caption-conditioned Stable-Diffusion-like U-Net (``--arch sd``, UNet2DConditionModel with
+cross-attention on a fixed caption table), on Fashion-MNIST.
 
 Data: Debian's ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``),
 28x28 images scaled to [-1, 1] and padded to 32x32 with the background value.
 Training: epsilon prediction (the DiT also gets the class label, dropped to the null
-label 10% of the time so that classifier-free guidance works), DDPMScheduler (1000 linear-beta steps), AdamW, EMA of
+label 10% of the time so that classifier-free guidance works; the SD-like U-Net gets its
+class's caption embeddings as ``encoder_hidden_states``, dropped to the null caption 10%
+of the time), DDPMScheduler (1000 linear-beta steps), AdamW, EMA of
 the weights, time-bounded (``--minutes``). Writes a diffusers folder
-(``save_pretrained``: config.json + safetensors, EMA weights, float16 if asked) and a
-model card (``MODEL_CARD.md`` + ``training.json``: data, steps, seed, loss).
+(``save_pretrained``: config.json + safetensors, EMA weights, float16 if asked), the
+caption table for ``--arch sd`` (``captions.safetensors``, key "captions", [11, L, D]: a
+fixed seeded random tensor standing in for a frozen text encoder; row 10 is the null
+caption) and a model card (``MODEL_CARD.md`` + ``training.json``: data, steps, seed, loss).
+
+``--mask-only`` trains nothing: it loads the model in ``--out`` and learns its shipped
+mask (``mask_ddim20.json``: DDIM 20 steps, 0.6 of the MACs, seed 0; the conditional
+models with guidance 2.0 on random labels).
 
 Usage: python examples/train_fmnist.py --out maskc/models/weights/fmnist-unet --minutes 50
        python examples/train_fmnist.py --arch dit --out maskc/models/weights/fmnist-dit --minutes 65 --threads 1 --lr 3e-4
+       python examples/train_fmnist.py --arch sd --out maskc/models/weights/fmnist-sd --minutes 40 --threads 1 --batch 32 --lr 3e-4
+       python examples/train_fmnist.py --arch sd --out maskc/models/weights/fmnist-sd --mask-only --threads 1
 """
 from __future__ import annotations
 
@@ -25,15 +37,51 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from maskc.data import load_images, load_labels
-from maskc.models.configs import FMNIST_DIT, ddpm_cifar10
+from maskc.models.configs import FMNIST_DIT, FMNIST_SD, FMNIST_SD_CAPTIONS, ddpm_cifar10
+
+CAPTIONS_FILE = "captions.safetensors"
+
+
+def make_captions(spec: dict = FMNIST_SD_CAPTIONS) -> torch.Tensor:
+    """The fixed caption table [rows, tokens, dim] (row ``spec['null']`` is the null caption)."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    return torch.randn((spec["rows"], spec["tokens"], spec["dim"]), generator=g)
+
+
+def learn_mask(out: str, arch: str, seed: int = 0) -> None:
+    """Learn and save ``out/mask_ddim20.json`` for the model saved in ``out`` (DDIM 20, 0.6 of the MACs)."""
+    from diffusers import DDIMScheduler
+
+    import maskc
+    from maskc.models.shipped import load_pretrained
+
+    model, _ = load_pretrained(out)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    kw: dict = {}
+    if arch == "sd":
+        from safetensors.torch import load_file
+
+        table = load_file(os.path.join(out, CAPTIONS_FILE))["captions"]
+        null = FMNIST_SD_CAPTIONS["null"]
+        kw = dict(cond=lambda n, g: {"encoder_hidden_states": table[torch.randint(0, null, (n,), generator=g)]},
+                  uncond=lambda n, g: {"encoder_hidden_states": table[null].expand(n, -1, -1)},
+                  guidance_scale=2.0)
+    elif arch == "dit":
+        kw = dict(cond=lambda n, g: {"class_labels": torch.randint(0, 10, (n,), generator=g)},
+                  uncond=lambda n, g: {"class_labels": torch.full((n,), 10, dtype=torch.long)},
+                  guidance_scale=2.0)
+    mask = maskc.learn(model, sched, steps=20, sample_shape=(1, 32, 32), target=0.6, seed=seed, **kw)
+    mask.save(os.path.join(out, "mask_ddim20.json"))
+    print(f"saved {os.path.join(out, 'mask_ddim20.json')}: {mask.meta['provenance'].get('macs_fraction')} of the MACs")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--arch", choices=("unet", "dit"), default="unet")
+    ap.add_argument("--arch", choices=("unet", "dit", "sd"), default="unet")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--minutes", type=float, default=50)
     ap.add_argument("--batch", type=int, default=64)
@@ -42,13 +90,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+    ap.add_argument("--mask-only", action="store_true", help="train nothing: learn mask_ddim20.json for the model in --out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.mask_only:
+        learn_mask(a.out, a.arch, seed=0)
+        return
     torch.manual_seed(a.seed)
     images = load_images("train")
     labels = load_labels("train")
-    dit = a.arch == "dit"
-    model = DiTTransformer2DModel(**FMNIST_DIT) if dit else UNet2DModel(**ddpm_cifar10(width=a.width, in_channels=1))
+    dit, sd = a.arch == "dit", a.arch == "sd"
+    if dit:
+        model = DiTTransformer2DModel(**FMNIST_DIT)
+    elif sd:
+        model = UNet2DConditionModel(**FMNIST_SD)
+        captions = make_captions()
+        null = FMNIST_SD_CAPTIONS["null"]
+    else:
+        model = UNet2DModel(**ddpm_cifar10(width=a.width, in_channels=1))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -65,6 +124,9 @@ def main() -> None:
         t = torch.randint(0, 1000, (a.batch,), generator=g)
         xt = sched.add_noise(x0, noise, t)
         kw = {"class_labels": labels[idx]} if dit else {}  # DiT drops 10% to the null label itself
+        if sd:  # the caption of each image's class, the null caption with p=0.1
+            drop = torch.rand(a.batch, generator=g) < 0.1
+            kw = {"encoder_hidden_states": captions[torch.where(drop, null, labels[idx])]}
         loss = F.mse_loss(model(xt, t, **kw).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,16 +147,30 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     save = ema.half() if a.fp16 else ema
     save.save_pretrained(a.out, safe_serialization=True)
+    if sd:
+        from safetensors.torch import save_file
+
+        save_file({"captions": captions.contiguous()}, os.path.join(a.out, CAPTIONS_FILE))
     params = sum(p.numel() for p in model.parameters())
-    arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {FMNIST_DIT['num_layers']} layers, "
-            f"width {FMNIST_DIT['num_attention_heads'] * FMNIST_DIT['attention_head_dim']}, patch {FMNIST_DIT['patch_size']}"
-            if dit else "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width)
+    if dit:
+        arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {FMNIST_DIT['num_layers']} layers, "
+                f"width {FMNIST_DIT['num_attention_heads'] * FMNIST_DIT['attention_head_dim']}, patch {FMNIST_DIT['patch_size']}")
+    elif sd:
+        c = FMNIST_SD_CAPTIONS
+        arch = (f"UNet2DConditionModel (Stable-Diffusion-like: {', '.join(FMNIST_SD['down_block_types'])}; "
+                f"channels {tuple(FMNIST_SD['block_out_channels'])}, {FMNIST_SD['attention_head_dim']} heads), "
+                f"cross-attention on caption embeddings [{c['tokens']}, {c['dim']}] from {CAPTIONS_FILE} "
+                f"({c['rows']} rows: 10 class captions + the null caption, row {c['null']})")
+    else:
+        arch = "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width
+    dropped = {"dit": ", class label dropped to the null label with p=0.1",
+               "sd": ", caption dropped to the null caption with p=0.1"}.get(a.arch, "")
     info = {
         "model": arch,
         "parameters": params,
         "data": "Fashion-MNIST train (60,000 images, Debian dataset-fashion-mnist), padded to 32x32, [-1, 1], random h-flip",
         "objective": "epsilon prediction, DDPMScheduler 1000 steps, linear betas"
-        + (", class label dropped to the null label with p=0.1" if dit else ""),
+        + dropped,
         "optimizer": f"AdamW lr {a.lr} (500-step warm-up), batch {a.batch}, grad clip 1.0",
         "ema": a.ema,
         "steps": step,
@@ -103,20 +179,32 @@ def main() -> None:
         "threads": a.threads,
         "final_loss_last100": float(np.mean(losses[-100:])) if losses else math.nan,
         "dtype": "float16" if a.fp16 else "float32",
+        **({"captions": {**FMNIST_SD_CAPTIONS, "file": CAPTIONS_FILE, "key": "captions",
+                         "made_by": "torch.randn((rows, tokens, dim), generator=torch.Generator().manual_seed(seed))"}}
+           if sd else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "log": log,
     }
     with open(os.path.join(a.out, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
+    title = {"dit": "class-conditional DiT", "sd": "caption-conditioned SD-like U-Net"}.get(a.arch, "DDPM U-Net")
+    conditioning = (
+        f"- Conditioning: `encoder_hidden_states` = rows of the caption table `{CAPTIONS_FILE}` (key \"captions\", "
+        f"float32 [{FMNIST_SD_CAPTIONS['rows']}, {FMNIST_SD_CAPTIONS['tokens']}, {FMNIST_SD_CAPTIONS['dim']}]): row c "
+        f"is the caption of class c (0..9, `maskc.data.CLASSES`), row {FMNIST_SD_CAPTIONS['null']} the null caption. "
+        f"The table is a fixed standard-normal tensor from `torch.Generator().manual_seed({FMNIST_SD_CAPTIONS['seed']})`, "
+        f"a stand-in for a frozen text encoder; `maskc.models.shipped.captions(\"fmnist-sd\", labels)` reads it. "
+        f"Sample with classifier-free guidance (null caption as the unconditional input; guidance 2.0 is the "
+        f"shipped mask's).\n" if sd else "")
     with open(os.path.join(a.out, "MODEL_CARD.md"), "w") as f:
         f.write(
-            f"# Fashion-MNIST {'class-conditional DiT' if dit else 'DDPM U-Net'} (maskc)\n\n"
+            f"# Fashion-MNIST {title} (maskc)\n\n"
             f"- Architecture: {info['model']}, {params / 1e6:.2f}M parameters, 1 channel, 32x32.\n"
             f"- Data: {info['data']}.\n- Objective: {info['objective']}.\n- Optimizer: {info['optimizer']}; "
             f"EMA {a.ema} (weights shipped are the EMA).\n- Steps: {step} in {info['minutes']:.1f} min on "
             f"{a.threads} CPU threads; seed {a.seed}.\n- Final training loss (mean of the last 100 steps): "
-            f"{info['final_loss_last100']:.4f}.\n- Stored as {info['dtype']} safetensors.\n\n"
-            f"Made by `python examples/train_fmnist.py --arch {a.arch} --out {a.out}{'' if dit else f' --width {a.width}'} --minutes {a.minutes:g}"
+            f"{info['final_loss_last100']:.4f}.\n- Stored as {info['dtype']} safetensors.\n{conditioning}\n"
+            f"Made by `python examples/train_fmnist.py --arch {a.arch} --out {a.out}{'' if dit or sd else f' --width {a.width}'} --minutes {a.minutes:g}"
             f" --batch {a.batch} --lr {a.lr:g} --threads {a.threads}"
             f"{' --fp16' if a.fp16 else ''}` on {info['date']}.\n"
         )

@@ -8,7 +8,7 @@ Commands (``maskc <command> --help`` describes each option and its default):
   bench    learned masks against DeepCache, FORA and random schedules: tables and plots
   viz      the graph diff page of one step against the original model (self-contained HTML)
 
-A model is a shipped name (unet, dit) or a diffusers folder written by save_pretrained.
+A model is a shipped name (unet, dit, sd) or a diffusers folder written by save_pretrained.
 An error exits with status 2 and one line, ``maskc: error: <what went wrong>``.
 """
 from __future__ import annotations
@@ -98,33 +98,46 @@ def _counting(fn: Callable, bar: Any) -> Callable:
 
 
 def _conditioning(model: Any, mask: Any, n: int, class_labels: list[int] | None,
-                  guidance_scale: float | None) -> tuple[dict, float | None]:
-    """Model kwargs and guidance for a batch of n: class labels cycled, the null label for guidance (DiT)."""
+                  guidance_scale: float | None, folder: str | None = None) -> tuple[dict, float | None]:
+    """Model kwargs and guidance for a batch of n: class labels cycled, the null label for guidance (DiT);
+    a model with a caption table in ``folder`` (the SD-like U-Net) gets the captions of those classes as
+    ``encoder_hidden_states`` and the null caption for guidance. Guidance defaults to the mask's, else
+    2.0 where the null input is known."""
     import torch
 
+    from maskc.models.shipped import NULL_CAPTION, captions, has_captions
     from maskc.sampling import stack_kwargs
 
-    c = model.config
-    classes = c.get("num_embeds_ada_norm") if type(model).__name__ == "DiTTransformer2DModel" else c.get("num_class_embeds")
-    if not classes:
-        if class_labels or guidance_scale is not None:
-            raise MaskcError(f"{type(model).__name__} is not class-conditional; drop --class-labels and --guidance-scale")
-        return {}, None
+    name = type(model).__name__
+    if folder is not None and name == "UNet2DConditionModel" and has_captions(folder):
+        table = captions(folder)
+        classes, what, null_known = NULL_CAPTION, "captions", True  # rows 0..9 classes, row 10 the null caption
+        embed: Callable = lambda y: {"encoder_hidden_states": table[y]}  # noqa: E731
+    else:
+        c = model.config
+        classes = c.get("num_embeds_ada_norm") if name == "DiTTransformer2DModel" else c.get("num_class_embeds")
+        what, null_known = "classes", name == "DiTTransformer2DModel"  # DiT's null label is its class count
+        embed = lambda y: {"class_labels": y}  # noqa: E731
+        if not classes:
+            if class_labels or guidance_scale is not None:
+                raise MaskcError(f"{name} is not class-conditional; drop --class-labels and --guidance-scale")
+            return {}, None
     labels = class_labels if class_labels else list(range(classes))
     bad = [y for y in labels if not 0 <= y < classes]
     if bad:
-        raise MaskcError(f"class labels {bad} are outside 0..{classes - 1}, the classes this model knows")
+        raise MaskcError(f"class labels {bad} are outside 0..{classes - 1}, the {what} this model knows")
     y = torch.tensor(labels)[torch.arange(n) % len(labels)]
     if guidance_scale is None and mask is not None:
         guidance_scale = mask.meta.get("provenance", {}).get("guidance_scale")
-    if guidance_scale is None and type(model).__name__ == "DiTTransformer2DModel":
+    if guidance_scale is None and null_known:
         guidance_scale = 2.0
     if guidance_scale is None or guidance_scale <= 1.0:
-        return {"class_labels": y}, None
-    if type(model).__name__ != "DiTTransformer2DModel":
+        return embed(y), None
+    if not null_known:
         raise MaskcError("classifier-free guidance needs a null class; maskc knows it for DiT (label = number of "
-                         "classes). Drop --guidance-scale for this model")
-    return stack_kwargs({"class_labels": y}, {"class_labels": torch.full_like(y, classes)}), guidance_scale
+                         "classes) and for a model with a caption table (the null caption). Drop --guidance-scale "
+                         "for this model")
+    return stack_kwargs(embed(y), embed(torch.full_like(y, classes))), guidance_scale
 
 
 def _grid(rows: list[Any], scale: int, nrow: int) -> Any:
@@ -194,7 +207,7 @@ def demo(args: argparse.Namespace) -> int:
 
     import maskc
     from maskc.eval import fidelity, generation_macs, interleaved_times
-    from maskc.sampling import generate, stack_kwargs
+    from maskc.sampling import generate
 
     _threads(args.threads)
     model, mask, d = _load(args.model, None, need_mask=True)
@@ -208,10 +221,9 @@ def demo(args: argparse.Namespace) -> int:
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
     kwargs, guidance, ex_kw = {}, None, {}
-    if args.model == "dit":  # class-conditional: labels 0..9 in turn, classifier-free guidance
-        y = torch.arange(args.n) % c.num_embeds_ada_norm
-        kwargs = stack_kwargs({"class_labels": y}, {"class_labels": torch.full_like(y, c.num_embeds_ada_norm)})
-        guidance, ex_kw = mask.meta["provenance"].get("guidance_scale") or 2.0, {"class_labels": y[:1]}
+    if args.model in ("dit", "sd"):  # labels (DiT) or class captions (sd) 0..9 in turn, guidance with the null one
+        kwargs, guidance = _conditioning(model, mask, args.n, None, None, d)
+        ex_kw = {k: v[:1] for k, v in kwargs.items()}
     ex = (torch.zeros(1, *shape),)
     frac = generation_macs(model, mask, ex, {**ex_kw, "timestep": ts[0]}, "timestep", ts) / generation_macs(
         model, None, ex, {**ex_kw, "timestep": ts[0]}, "timestep", ts)
@@ -327,18 +339,22 @@ def learn_cmd(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    from maskc.models.shipped import load_pretrained
+    from maskc.models.shipped import NULL_CAPTION, captions, has_captions, load_pretrained
 
-    model, _ = load_pretrained(args.model)
+    model, folder = load_pretrained(args.model)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
     cond = uncond = None
-    if args.num_classes:
+    if has_captions(folder) and type(model).__name__ == "UNet2DConditionModel":  # the SD-like U-Net
+        table = captions(folder)
+        cond = lambda n, g: {"encoder_hidden_states": table[torch.randint(0, NULL_CAPTION, (n,), generator=g)]}  # noqa: E731
+        uncond = lambda n, g: {"encoder_hidden_states": table[torch.full((n,), NULL_CAPTION)]}  # noqa: E731
+    elif args.num_classes:
         cond = lambda n, g: {"class_labels": torch.randint(0, args.num_classes, (n,), generator=g)}  # noqa: E731
         uncond = lambda n, g: {"class_labels": torch.full((n,), args.num_classes)}  # noqa: E731 - the null label
-    if args.guidance_scale is not None and not args.num_classes:
-        raise MaskcError("--guidance-scale with --model needs --num-classes (the null label is class N); "
-                         "or learn from a pipeline folder with --pipeline")
+    if args.guidance_scale is not None and cond is None:
+        raise MaskcError("--guidance-scale with --model needs --num-classes (the null label is class N) or a model "
+                         "with a caption table (sd); or learn from a pipeline folder with --pipeline")
     mask = maskc.learn(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
                        target=args.target, seed=args.seed, cond=cond, uncond=uncond,
                        guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir, **overrides)
@@ -434,7 +450,7 @@ def sample_cmd(args: argparse.Namespace) -> int:
     from maskc.sampling import generate
 
     _threads(args.threads)
-    model, mask, _ = _load(args.model, args.mask or "none")
+    model, mask, folder = _load(args.model, args.mask or "none")
     steps = args.steps or (mask.steps if mask is not None else 20)
     if mask is not None and steps != mask.steps:
         raise MaskcError(f"--steps {steps} differs from the mask's {mask.steps} steps; drop --steps or use a mask "
@@ -444,7 +460,7 @@ def sample_cmd(args: argparse.Namespace) -> int:
     sched.set_timesteps(steps)
     if mask is not None:
         mask.check(model, sched)
-    kwargs, guidance = _conditioning(model, mask, args.n, args.class_labels, args.guidance_scale)
+    kwargs, guidance = _conditioning(model, mask, args.n, args.class_labels, args.guidance_scale, folder)
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
     x0 = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
@@ -508,7 +524,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------
 
-MODEL_HELP = "a shipped model (unet, dit) or a diffusers model folder written by save_pretrained"
+MODEL_HELP = "a shipped model (unet, dit, sd) or a diffusers model folder written by save_pretrained"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -537,7 +553,8 @@ def parser() -> argparse.ArgumentParser:
             "rounds (median, quartiles, a warning when the machine is too busy to trust them); write a picture "
             "(top row original, bottom row maskc). Takes 2 to 3 minutes on 2 CPU threads.")
     d.add_argument("--model", choices=sorted(SHIPPED), default="unet",
-                   help="the shipped U-Net, or the class-conditional DiT (labels 0..9, classifier-free guidance)")
+                   help="the shipped U-Net, the class-conditional DiT, or the caption-conditioned SD-like U-Net "
+                        "(dit, sd: classes 0..9 in turn, classifier-free guidance)")
     d.add_argument("--n", type=int, default=8, help="samples per generation")
     d.add_argument("--reps", type=int, default=5, help="timed rounds (each: one original and one maskc generation)")
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -562,7 +579,8 @@ def parser() -> argparse.ArgumentParser:
                     help="(--pipeline) class labels to learn on, cycled over the batch (default: none)")
     ln.add_argument("--guidance-scale", type=float, default=None,
                     help="classifier-free guidance scale (default: the pipeline's own, none for --model; "
-                         "with --model it needs --num-classes)")
+                         "with --model it needs --num-classes or a caption table: sd learns on random class "
+                         "captions, the null caption unconditional)")
     ln.add_argument("--num-classes", type=int, default=0,
                     help="(--model) class-conditional: labels drawn in [0, N), label N is the null label")
     ln.add_argument("--scheduler", default="DDIMScheduler", help="(--model) diffusers scheduler class")
@@ -591,7 +609,8 @@ def parser() -> argparse.ArgumentParser:
     sp = add("sample", sample_cmd, "generate images with a model (and a mask) into a PNG grid",
              "Generate --n samples from the same seeded noise with the model, compiled with --mask if given, and "
              "write them as a PNG grid. The scheduler runs the mask's step count; class-conditional models get "
-             "--class-labels (cycled) and classifier-free guidance as the DiT demo does.")
+             "--class-labels (cycled) and classifier-free guidance as the DiT demo does; the SD-like U-Net (sd) gets the "
+             "captions of those classes and the null caption.")
     sp.add_argument("--model", default="unet", help=MODEL_HELP)
     sp.add_argument("--mask", default=None,
                     help="mask JSON to sample with, or 'shipped' for a shipped model's learned mask (default: no mask, "
@@ -602,9 +621,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler", default=None, help="diffusers scheduler class (default: the mask's, else DDIMScheduler)")
     sp.add_argument("--train-steps", type=int, default=1000, help="the scheduler's training timesteps")
     sp.add_argument("--class-labels", type=int, nargs="+", default=None,
-                    help="class labels, cycled over the samples (class-conditional models; default 0, 1, 2, ...)")
+                    help="class labels, cycled over the samples (class-conditional and caption models; default 0, 1, 2, ...)")
     sp.add_argument("--guidance-scale", type=float, default=None,
-                    help="classifier-free guidance (DiT; default: the mask's, else 2.0; <= 1 turns it off)")
+                    help="classifier-free guidance (DiT, sd; default: the mask's, else 2.0; <= 1 turns it off)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     sp.add_argument("--out", default="maskc_sample.png", help="PNG grid to write")
     sp.add_argument("--nrow", type=int, default=8, help="images per line of the grid")

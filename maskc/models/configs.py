@@ -48,3 +48,29 @@ FMNIST_DIT: dict = {
     "patch_size": 4,
     "num_embeds_ada_norm": 10,  # classes; label 10 is the null (unconditional) label
 }
+
+
+# The text-conditioned, Stable-Diffusion-like U-Net trained on Fashion-MNIST
+# (examples/train_fmnist.py --arch sd): diffusers' UNet2DConditionModel (SD's
+# topology: ResNet blocks + transformer blocks with self- and cross-attention) at
+# 32/64/64 channels. It reads ``encoder_hidden_states`` [N, L, 64] from a fixed caption
+# table (``captions.safetensors`` beside the weights, FMNIST_SD_CAPTIONS below), the
+# stand-in for a frozen text encoder. ``attention_head_dim`` is diffusers' legacy name
+# for the number of heads here (4 heads of 16).
+FMNIST_SD: dict = {
+    "sample_size": 32,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+}
+
+# The caption table: row c < 10 is the caption of class c, row 10 the null (empty)
+# caption for classifier-free guidance; ``tokens`` x ``cross_attention_dim`` per row,
+# standard normal from torch.Generator().manual_seed(seed).
+FMNIST_SD_CAPTIONS: dict = {"rows": 11, "tokens": 4, "dim": 64, "null": 10, "seed": 1234}

@@ -11,11 +11,13 @@ from maskc.errors import MaskcError
 from maskc.mask import Mask
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-SHIPPED = {"unet": "fmnist-unet", "dit": "fmnist-dit"}  # name -> folder under weights/
+SHIPPED = {"unet": "fmnist-unet", "dit": "fmnist-dit", "sd": "fmnist-sd"}  # name -> folder under weights/
+CAPTIONS_FILE = "captions.safetensors"  # the caption table beside a caption-conditioned model (key "captions")
+NULL_CAPTION = 10  # the caption table's null row (the unconditional input of classifier-free guidance)
 
 
 def shipped_dir(name: str = "unet") -> str | None:
-    """The folder of shipped model ``name`` ("unet" or "dit"), or None if it is missing."""
+    """The folder of shipped model ``name`` ("unet", "dit" or "sd"), or None if it is missing."""
     d = os.path.join(WEIGHTS, SHIPPED[name])
     return d if os.path.exists(os.path.join(d, "config.json")) else None
 
@@ -42,7 +44,8 @@ def load_pretrained(name_or_path: str) -> tuple[torch.nn.Module, str]:
 def pretrained(name: str = "fmnist-unet") -> tuple[torch.nn.Module, Mask, Any]:
     """(model in eval mode, its shipped learned mask, a scheduler set to the mask's step count).
 
-    ``name``: ``"fmnist-unet"`` or ``"fmnist-dit"`` (``"unet"``, ``"dit"`` also work).
+    ``name``: ``"fmnist-unet"``, ``"fmnist-dit"`` or ``"fmnist-sd"`` (``"unet"``, ``"dit"``, ``"sd"``
+    also work). The SD-like U-Net reads ``encoder_hidden_states``: build them with ``captions``.
     The scheduler is the mask's class with the training noise schedule (1000 steps,
     linear betas), ``set_timesteps(mask.steps)`` already called; the mask is checked
     against both, so the three fit together.
@@ -65,3 +68,51 @@ def pretrained(name: str = "fmnist-unet") -> tuple[torch.nn.Module, Mask, Any]:
     scheduler.set_timesteps(mask.steps)
     mask.check(model, scheduler)
     return model, mask, scheduler
+
+
+def _folder(name_or_path: str) -> str:
+    """A shipped short or full name (``"sd"``, ``"fmnist-sd"``) or a folder, as a folder."""
+    if name_or_path in SHIPPED:
+        return os.path.join(WEIGHTS, SHIPPED[name_or_path])
+    if name_or_path in SHIPPED.values():
+        return os.path.join(WEIGHTS, name_or_path)
+    return name_or_path
+
+
+def has_captions(name_or_path: str) -> bool:
+    """True when the model folder (or shipped name) has a caption table (``captions.safetensors``)."""
+    return os.path.exists(os.path.join(_folder(name_or_path), CAPTIONS_FILE))
+
+
+def captions(name_or_path: str = "fmnist-sd", labels: Any = None) -> torch.Tensor:
+    """The caption table of a caption-conditioned model, or the rows of ``labels``.
+
+    Without ``labels``: float32 [11, L, D]; row c < 10 is the caption of Fashion-MNIST class c
+    (``maskc.data.CLASSES``), row ``NULL_CAPTION`` (10) the null caption. With ``labels``
+    (ints or a tensor, ``NULL_CAPTION`` for the null caption): ``encoder_hidden_states``
+    [len(labels), L, D] for the model. Classifier-free guidance, as the shipped mask was
+    learned (guidance 2.0)::
+
+        model, mask, sched = maskc.pretrained("fmnist-sd")
+        cond = {"encoder_hidden_states": captions("fmnist-sd", [0, 1, 2])}
+        uncond = {"encoder_hidden_states": captions("fmnist-sd", [NULL_CAPTION] * 3)}
+
+    ``name_or_path``: ``"fmnist-sd"`` / ``"sd"`` or a model folder holding ``captions.safetensors``
+    (written by ``examples/train_fmnist.py --arch sd``).
+    """
+    from safetensors.torch import load_file
+
+    f = os.path.join(_folder(name_or_path), CAPTIONS_FILE)
+    if not os.path.exists(f):
+        raise MaskcError(f"{f} not found: {name_or_path!r} has no caption table (the shipped caption-conditioned "
+                         f"model is 'fmnist-sd')")
+    table = load_file(f).get("captions")
+    if table is None or table.dim() != 3 or table.shape[0] <= NULL_CAPTION:
+        raise MaskcError(f"{f} holds no caption table [{NULL_CAPTION + 1}, tokens, dim] under the key 'captions'")
+    if labels is None:
+        return table
+    idx = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = [int(y) for y in idx if not 0 <= int(y) < table.shape[0]]
+    if bad:
+        raise MaskcError(f"caption labels {bad} are outside 0..{table.shape[0] - 1} (row {NULL_CAPTION} is the null caption)")
+    return table[idx]
