@@ -1,12 +1,15 @@
 """``maskc bench``: learned masks against peers' schedules, every one through the same compiled path.
 
-For a shipped Fashion-MNIST model (``unet`` or ``dit``) or a diffusers folder, with
-DDIM and T steps:
+For a shipped Fashion-MNIST model (``unet``, ``dit`` or ``sd``) or a diffusers folder,
+with DDIM or DPM-Solver++ (``sampler``) and T steps:
 1. learn masks at several MACs targets (timed), optionally the learning ablations;
 2. write peers' schedules as masks (``maskc.schedules``): DeepCache uniform and
-   non-uniform for U-Nets, FORA for DiTs, random at equal MACs for both;
+   non-uniform for U-Nets, FORA for DiTs, step-level reuse (the whole model reused
+   between full steps) and the static δ-threshold schedule for all, random at equal
+   MACs; schedules with identical bits are listed once;
 3. generate ``n`` samples with the original model and with each mask from the same
-   noise (and, for the class-conditional DiT, the same labels and guidance);
+   noise (and, for the class-conditional DiT and the caption-conditioned SD-like
+   U-Net, the same labels and guidance);
 4. score each: FD-FMNIST and KID against the test set (with the real-vs-real floor),
    PSNR and SSIM against the original's samples, class accuracy (DiT), MACs per
    generation by FlopCounterMode, wall time of a ``time_batch`` generation measured
@@ -18,6 +21,7 @@ Nothing in the tables is typed by hand: every figure comes from this run.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -27,8 +31,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 __all__ = ["BenchConfig", "run_bench", "code_version"]
+
+
+SAMPLERS: dict[str, Callable[[], Any]] = {  # the training noise schedule: 1000 steps, linear betas
+    "ddim": lambda: DDIMScheduler(num_train_timesteps=1000),
+    "dpm++": lambda: DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++"),
+}
 
 
 def code_version() -> str:
@@ -57,13 +68,18 @@ def code_version() -> str:
 class BenchConfig:
     model: str = "unet"  # "unet", "dit" (shipped) or a diffusers folder
     steps: int = 20
+    sampler: str = "ddim"  # "ddim" or "dpm++" (DPM-Solver++ multistep, 2nd order)
     n: int = 2000  # samples for FD, KID, PSNR, SSIM
     batch: int = 250  # generation batch for the quality pass
     targets: tuple[float, ...] = (0.65, 0.55, 0.45)
     main_target: float = 0.55  # the target that the ablations and the random floor use
-    deepcache: tuple[int, ...] = (3, 5, 10)  # uniform intervals, branch depth 1
+    deepcache: tuple[int, ...] = (3, 5, 10)  # uniform intervals, branch depth 1 (this list and the next four: peers="fixed")
     deepcache_nonuniform: tuple[int, ...] = (5,)
     fora: tuple[int, ...] = (2, 3)
+    step_reuse: tuple[int, ...] = (2, 3)  # the whole model reused between full steps every N (the simplest peer)
+    delta_threshold: tuple[int, ...] = (10,)  # static TeaCache-like schedules with this many full steps
+    peers: str = "best"  # "best": per family, its best member of no more MACs than each learned mask; "fixed": the lists above
+    select_n: int = 16  # noises (seed 4321 + seed, neither learning's nor the table's) that choose the best members
     random: bool = True
     ablations: bool = False
     guidance_scale: float = 2.0  # class-conditional models only
@@ -75,15 +91,13 @@ class BenchConfig:
     phase: str = "all"  # "quality" (samples and scores), "time" (wall time and memory, on a quiet machine), "all"
     seed: int = 0
     out: str = "benchmarks/results"
-    name: str = ""  # file stem; default bench_<model>_ddim<T>
+    name: str = ""  # file stem; default bench_<model>_<sampler><T> (ddim, dpmpp)
     reuse_masks: bool = True  # load learned masks from <out>/masks/ when their settings match
     learn_kwargs: dict = field(default_factory=dict)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark described by ``cfg``; returns the result dict written to JSON."""
-    from diffusers import DDIMScheduler
-
     import maskc
     from maskc import schedules
     from maskc.eval import (FMNISTFeatures, fidelity, generation_macs, interleaved_times, peak_memory,
@@ -98,20 +112,33 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     torch.set_num_threads(cfg.threads)
     model, path = load_pretrained(cfg.model)
     model.float()
-    if type(model).__name__ not in ("UNet2DModel", "DiTTransformer2DModel"):
-        from maskc.errors import MaskcError
+    from maskc.errors import MaskcError
+    from maskc.models.shipped import NULL_CAPTION, captions, has_captions
 
-        raise MaskcError(f"maskc bench knows UNet2DModel and DiTTransformer2DModel folders; {path} holds a "
-                         f"{type(model).__name__}")
+    kind = type(model).__name__
+    with_captions = kind == "UNet2DConditionModel" and has_captions(path)
+    if kind not in ("UNet2DModel", "DiTTransformer2DModel") and not with_captions:
+        raise MaskcError(f"maskc bench knows UNet2DModel, DiTTransformer2DModel and UNet2DConditionModel folders with "
+                         f"a caption table (the shipped sd); {path} holds a {kind}")
+    if cfg.sampler not in SAMPLERS:
+        raise MaskcError(f"sampler must be one of {sorted(SAMPLERS)}; got {cfg.sampler!r}")
     T = cfg.steps
     version = code_version()
-    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched = SAMPLERS[cfg.sampler]()
     c = model.config
     shape = (c.in_channels, c.sample_size, c.sample_size)
-    n_classes = getattr(c, "num_embeds_ada_norm", None) if type(model).__name__ == "DiTTransformer2DModel" else None
+    table = captions(path) if with_captions else None
+    n_classes = NULL_CAPTION if with_captions else (
+        getattr(c, "num_embeds_ada_norm", None) if kind == "DiTTransformer2DModel" else None)
     conditional = n_classes is not None
     guidance = cfg.guidance_scale if conditional else None
-    stem = f"bench_{cfg.model if cfg.model in SHIPPED else os.path.basename(path.rstrip('/'))}_ddim{T}"
+
+    def cond_of(labels: torch.Tensor) -> dict:
+        """Model kwargs for class labels (n_classes: the null label or caption)."""
+        return {"encoder_hidden_states": table[labels]} if table is not None else {"class_labels": labels}
+
+    tag = "ddim" if cfg.sampler == "ddim" else cfg.sampler.replace("+", "p")
+    stem = f"bench_{cfg.model if cfg.model in SHIPPED else os.path.basename(path.rstrip('/'))}_{tag}{T}"
     name = cfg.name or stem  # masks are stored under the stem, so runs with other names reuse them
     os.makedirs(os.path.join(cfg.out, "masks"), exist_ok=True)
     json_path = os.path.join(cfg.out, f"{name}.json")
@@ -119,24 +146,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     def kwargs_for(labels: torch.Tensor | None) -> dict:
         if labels is None:
             return {}
-        return stack_kwargs({"class_labels": labels}, {"class_labels": torch.full_like(labels, n_classes)})
+        return stack_kwargs(cond_of(labels), cond_of(torch.full_like(labels, n_classes)))
 
     # Fixed noise and labels for every method.
     g = torch.Generator().manual_seed(1234 + cfg.seed)
     noise = torch.randn(cfg.n, *shape, generator=g)
     labels = torch.arange(cfg.n) % n_classes if conditional else None
     names = maskc.blocks(model)
-    s0 = DDIMScheduler(num_train_timesteps=1000)
+    s0 = SAMPLERS[cfg.sampler]()
     s0.set_timesteps(T)
     ts = [t.reshape(1) for t in s0.timesteps]
     ex_args = (torch.zeros(1, *shape),)
-    ex_kwargs = {"class_labels": torch.zeros(1, dtype=torch.long)} if conditional else {}
+    ex_kwargs = cond_of(torch.zeros(1, dtype=torch.long)) if conditional else {}
     full_macs = generation_macs(model, None, ex_args, {**ex_kwargs, "timestep": ts[0]}, "timestep", ts)
 
     def frac(mask: maskc.Mask) -> float:
         return generation_macs(model, mask, ex_args, {**ex_kwargs, "timestep": ts[0]}, "timestep", ts) / full_macs
 
-    def quality_phase() -> tuple[list[dict[str, Any]], dict[str, float], Any]:
+    def quality_phase() -> tuple[list[dict[str, Any]], dict[str, float], Any, list[dict[str, Any]]]:
         # 1. Learned masks.
         methods: list[dict[str, Any]] = []
 
@@ -159,10 +186,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             afresh = mask is None
             if afresh:
                 log(f"learning {label} afresh ({why}) ...")
-                cond = (lambda k, gen: {"class_labels": torch.arange(k) % n_classes}) if conditional else None
-                uncond = (lambda k, gen: {"class_labels": torch.full((k,), n_classes)}) if conditional else None
+                cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if conditional else None
+                uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if conditional else None
                 t0 = time.perf_counter()
-                mask = maskc.learn(model, DDIMScheduler(num_train_timesteps=1000), steps=T, sample_shape=shape,
+                mask = maskc.learn(model, SAMPLERS[cfg.sampler](), steps=T, sample_shape=shape,
                                    target=target, seed=cfg.seed, cond=cond, uncond=uncond, guidance_scale=guidance,
                                    progress=False, **{**cfg.learn_kwargs, **kw})
                 secs = time.perf_counter() - t0
@@ -178,12 +205,26 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             learned(cfg.main_target, f"ablation: stochastic sampling (paper), target {cfg.main_target:g}", sampling="stochastic")
             learned(cfg.main_target, f"ablation: no loss scaling, target {cfg.main_target:g}", loss_scaling=False)
             learned(cfg.main_target, f"ablation: no rectification, target {cfg.main_target:g}", rectify=False)
-            learned(cfg.main_target, f"ablation: paper's cache (original outputs of step i-1), target {cfg.main_target:g}",
-                    cache="original")
+            learned(cfg.main_target, f"ablation: per-step scores only (the paper, no trajectory search), target "
+                    f"{cfg.main_target:g}", refine="none")
+            learned(cfg.main_target, f"ablation: masked cache, no trajectory search (maskc before), target "
+                    f"{cfg.main_target:g}", cache="masked", refine="none")
 
         # 2. Peers as masks.
         is_unet = any(n.startswith("up_blocks.") for n in names)
-        if is_unet:
+        selection: list[dict[str, Any]] = []
+        if cfg.peers == "best":
+            levels = [(m["target"], m["mask"]) for m in methods if m["family"] == "maskc"]
+            gs = torch.Generator().manual_seed(4321 + cfg.seed)
+            sel_noise = torch.randn(cfg.select_n, *shape, generator=gs)
+            sel_labels = torch.arange(cfg.select_n) % n_classes if conditional else None
+            log(f"choosing each peer family's best member at {len(levels)} MACs levels on {cfg.select_n} noises ...")
+            chosen, selection = select_best_peers(
+                model, names, s0, sel_noise, kwargs_for(sel_labels), guidance, ex_args,
+                {**ex_kwargs, "timestep": ts[0]}, levels,
+                _delta(model, sched, sel_noise[:8], kwargs_for, sel_labels, guidance, T))
+            methods.extend(chosen)
+        elif is_unet:
             for N in cfg.deepcache:
                 methods.append({"method": f"DeepCache uniform N={N}", "family": "DeepCache",
                                 "mask": schedules.deepcache_uniform(names, T, N, depth=1)})
@@ -193,9 +234,30 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         else:
             for N in cfg.fora:
                 methods.append({"method": f"FORA N={N}", "family": "FORA", "mask": schedules.fora(names, T, N)})
+        for N in (cfg.step_reuse if cfg.peers != "best" else ()):
+            methods.append({"method": f"step-level reuse N={N}", "family": "step-level reuse",
+                            "mask": schedules.step_reuse(names, T, N)})
+        if cfg.delta_threshold and cfg.peers != "best":
+            lib = [m for m in schedules.peer_library(names, T, delta=_delta(model, sched, noise[:8], kwargs_for,
+                                                                             labels, guidance, T))
+                   if m.meta["provenance"]["method"].startswith("δ-threshold")]
+            for k in cfg.delta_threshold:
+                m = next((m for m in lib if len(m.meta["provenance"]["full_steps"]) == k), None)
+                if m is not None:
+                    methods.append({"method": f"δ-threshold (TeaCache-like), {k} full steps", "family": "δ-threshold",
+                                    "mask": m})
+        seen: set[bytes] = set()  # FORA and step-level reuse are the same bits on a DiT: keep the first
+        for m in list(methods):
+            if m["family"].startswith("maskc"):
+                continue
+            key = bytes(m["mask"].bits.flatten().to(torch.uint8).tolist())
+            if key in seen:
+                methods.remove(m)
+            seen.add(key)
         if cfg.random:
-            methods.append({"method": f"random, equal MACs ({cfg.main_target:g})", "family": "random",
-                            "mask": schedules.random_equal_macs(names, T, cfg.main_target, frac, seed=cfg.seed)})
+            for tgt in (cfg.targets if cfg.peers == "best" else (cfg.main_target,)):
+                methods.append({"method": f"random, equal MACs ({tgt:g})", "family": "random",
+                                "mask": schedules.random_equal_macs(names, T, tgt, frac, seed=cfg.seed)})
 
         # 3-4. Quality.
         feats = FMNISTFeatures(seed=cfg.seed)
@@ -233,6 +295,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             rows.append({"method": m["method"], "family": m["family"], "macs_fraction": f,
                          "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
                          "target": m.get("target"), "mask_file": m.get("file"),
+                         **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
                          **score(imgs), **fidelity(imgs, ref)})
             log(f"{rows[-1]} ({time.perf_counter() - t0:.0f} s)")
             if m.get("file") is None:
@@ -240,7 +303,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 rows[-1]["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
 
         main = next((m['mask'] for m in methods if m['family'] == 'maskc' and m['target'] == cfg.main_target), None)
-        return rows, floor, main
+        return rows, floor, main, selection
 
     if cfg.phase == "time":
         from maskc.errors import MaskcError
@@ -255,10 +318,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                              f"code {version} (passes/, learn.py or runtime.py changed); run --phase quality again "
                              "before timing, so the table never mixes figures of two code versions")
         rows, floor, quality_date = prev["rows"], prev["real_vs_real_floor"], prev["date"]
+        selection = prev.get("peer_selection", [])
         main_row = next((r for r in rows if r["family"] == "maskc" and r.get("target") == cfg.main_target), None)
         main = maskc.Mask.load(os.path.join(cfg.out, main_row["mask_file"])) if main_row else None
     else:
-        rows, floor, main = quality_phase()
+        rows, floor, main, selection = quality_phase()
         quality_date = None
     for r in rows:
         r["speedup_macs"] = 1 / r["macs_fraction"]
@@ -296,24 +360,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                     "torch": torch.__version__},
         "model": {"path": os.path.relpath(path), "class": type(model).__name__,
                   "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(names)},
-        "sampler": {"scheduler": "DDIMScheduler (eta 0)", "steps": T, "guidance_scale": guidance,
+        "sampler": {"scheduler": type(sched).__name__ + (" (eta 0)" if cfg.sampler == "ddim" else " (dpmsolver++)"),
+                    "name": cfg.sampler, "steps": T, "guidance_scale": guidance,
                     "labels": "class i % 10 for sample i" if conditional else None},
         "seeds": {"noise": 1234 + cfg.seed, "learn": cfg.seed, "kid_subsets": cfg.seed, "floor_images": cfg.seed},
         "n": cfg.n, "time_batch": cfg.time_batch, "time_reps": cfg.time_reps,
         "full_macs_per_sample": full_macs,
         "real_vs_real_floor": floor,
+        "peer_selection": selection,
         "config": {k: v for k, v in asdict(cfg).items()},
         "rows": rows,
     }
     with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
-    if not timed:
-        log(f"wrote {json_path} (quality only; run again with --phase time for wall time, tables and plots)")
-        return res
     plots = _plots(res, main, cfg.out, name)
     with open(os.path.join(cfg.out, f"{name}.md"), "w") as f:
         f.write(_markdown(res, plots))
-    log(f"wrote {cfg.out}/{name}.md, .json and {len(plots)} plots")
+    log(f"wrote {cfg.out}/{name}.md, .json and {len(plots)} plots"
+        + ("" if timed else " (quality only; run again with --phase time for wall time and memory)"))
     return res
 
 
@@ -326,7 +390,8 @@ def _slug(s: str) -> str:
 def _command(cfg: BenchConfig) -> str:
     """The command line that reproduces ``cfg`` (every setting that differs from the defaults)."""
     d = BenchConfig()
-    flags = {"steps": "--steps", "n": "--n", "batch": "--batch", "targets": "--targets", "main_target": "--main-target",
+    flags = {"steps": "--steps", "sampler": "--sampler", "peers": "--peers", "select_n": "--select-n",
+             "step_reuse": "--step-reuse", "delta_threshold": "--delta-threshold", "n": "--n", "batch": "--batch", "targets": "--targets", "main_target": "--main-target",
              "deepcache": "--deepcache", "deepcache_nonuniform": "--deepcache-nonuniform", "fora": "--fora",
              "guidance_scale": "--guidance-scale", "time_batch": "--time-batch", "time_reps": "--time-reps",
              "threads": "--threads", "time_threads": "--time-threads", "seed": "--seed", "name": "--name"}
@@ -357,8 +422,10 @@ def _plots(res: dict, mask: Any, out: str, name: str) -> list[str]:
     files = []
     rows = res["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    style = {"maskc": ("o", "C0"), "DeepCache": ("s", "C1"), "FORA": ("^", "C2"), "random": ("x", "C3"),
-             "maskc ablation": ("D", "C4"), "original": ("*", "k")}
+    style = {"maskc": ("o", "C0"), "random": ("x", "C3"), "maskc ablation": ("D", "C4"), "original": ("*", "k")}
+    marks = "s^v<>ph+"
+    for i, fam in enumerate(sorted({r["family"] for r in rows} - set(style))):  # peer families
+        style[fam] = (marks[i % len(marks)], f"C{[1, 2, 5, 6, 7, 8, 9][i % 7]}")
     for ax, key, label in ((axes[0], "fd", "FD-FMNIST (lower is better)"), (axes[1], "psnr", "PSNR vs original, dB")):
         for fam, (mk, col) in style.items():
             pts = sorted((r["macs_fraction"], r[key]) for r in rows if r["family"] == fam and r[key] is not None)
@@ -372,7 +439,7 @@ def _plots(res: dict, mask: Any, out: str, name: str) -> list[str]:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{res['model']['class']} on Fashion-MNIST, DDIM {res['sampler']['steps']}, n={res['n']}")
+    fig.suptitle(f"{res['model']['class']} on Fashion-MNIST, {res['sampler'].get('name', 'ddim')} {res['sampler']['steps']}, n={res['n']}")
 
     def save(fig: Any, suffix: str) -> None:
         fig.tight_layout()
@@ -398,7 +465,8 @@ def _markdown(res: dict, plots: list[str]) -> str:
     orig = rows[0]
     m = res["machine"]
     lines = [
-        f"# maskc bench: {res['model']['class']} on Fashion-MNIST, DDIM {res['sampler']['steps']}",
+        f"# maskc bench: {res['model']['class']} on Fashion-MNIST, {res['sampler'].get('name', 'ddim')} "
+        f"{res['sampler']['steps']} steps",
         "",
         f"Made by `{res['command']}` on {res['date']}: {m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, "
         f"(timing: {m['time_threads']} threads), torch {m['torch']}. Model `{res['model']['path']}` ({res['model']['parameters'] / 1e6:.2f}M parameters, "
@@ -426,8 +494,106 @@ def _markdown(res: dict, plots: list[str]) -> str:
         ss = f"{r['ssim']:.3f}" if r["ssim"] is not None else "-"
         ca = f" {r['class_accuracy']:.3f} |" if "class_accuracy" in r else ""
         pm = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
+        sw = f"{r['speedup_wall']:.2f}x" if "speedup_wall" in r else "-"
         lines.append(
-            f"| {r['method']} | {lt} | {r['macs_fraction']:.3f} | {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | "
+            f"| {r['method']} | {lt} | {r['macs_fraction']:.3f} | {r['speedup_macs']:.2f}x | {sw} | "
             f"{r['fd']:.3f} | {r['fd'] / orig['fd']:.2f} | {r['kid']:.4f} | {ps} | {ss} |{ca} {pm} |")
+    if "speedup_wall" not in orig:
+        lines += ["", "Wall time and memory: not measured in this run (quality phase only)."]
+    lines += _versus_peers(res)
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)
+
+
+def _versus_peers(res: dict) -> list[str]:
+    """Per learned MACs level: each peer family's best member of no more MACs, and the learned mask's margins."""
+    rows = res["rows"]
+    peers = [r for r in rows if r.get("best_for")]
+    if not peers:
+        return []
+    n_sel = res.get("config", {}).get("select_n")
+    out = ["", "## Against each peer family's best member of no more MACs", "",
+           f"For each learned mask, every schedule of `maskc.schedules.peer_library` (every interval, depth and count "
+           f"of full steps) with MACs at most the learned mask's was scored by PSNR on {n_sel} other noises "
+           "(seed 4321 + seed: neither learning's calibration noises nor this table's); each family's best is "
+           f"sampled here with the {res['n']} noises of the table above. Margins: learned minus peer for PSNR "
+           "and SSIM (positive: learned better), peer minus learned for FD (positive: learned better). "
+           "`random` is at the learned target's MACs, not below it.", "",
+           "| level | method | MACs | PSNR dB | PSNR margin | SSIM | SSIM margin | FD | FD margin |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lr in (r for r in rows if r["family"] == "maskc"):
+        t = lr["target"]
+        out.append(f"| {t:g} | **{lr['method']}** | {lr['macs_fraction']:.3f} | {lr['psnr']:.2f} | | {lr['ssim']:.3f} | "
+                   f"| {lr['fd']:.3f} | |")
+        group = [r for r in peers if t in r["best_for"]]
+        group += [r for r in rows if r["family"] == "random" and r["method"].endswith(f"({t:g})")]
+        for r in sorted(group, key=lambda r: -r["psnr"]):
+            out.append(f"| {t:g} | {r['family']}" + (f": {r['settings']}" if r.get("settings") else "")
+                       + f" | {r['macs_fraction']:.3f} | {r['psnr']:.2f} | {lr['psnr'] - r['psnr']:+.2f} | "
+                       f"{r['ssim']:.3f} | {lr['ssim'] - r['ssim']:+.3f} | {r['fd']:.3f} | {r['fd'] - lr['fd']:+.3f} |")
+    return out
+
+
+def select_best_peers(model: torch.nn.Module, names: list[str], scheduler: Any, noise: torch.Tensor, call_kw: dict,
+                      guidance: float | None, ex_args: tuple, ex_kwargs: dict, levels: list[tuple[float, Any]],
+                      delta: list[float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each peer family's best member (PSNR of final samples from ``noise``) with MACs at most each level's mask.
+
+    ``scheduler`` has its timesteps set; ``levels`` are (target, learned mask). MACs are exact
+    generation counts (``maskc.rollout.GenerationCost``), the same for peers and learned masks.
+    Returns method entries (one per distinct mask, with the targets it is best for) and every
+    candidate's record.
+    """
+    import maskc
+    from maskc import schedules
+    from maskc.rollout import GenerationCost, Rollout
+
+    graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
+    cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
+    roll = Rollout(model, names, scheduler, noise, call_kw, guidance, "timestep")
+    T = len(scheduler.timesteps)
+    caps = {t: cost.fraction(m.bits) for t, m in levels}
+    records, lib = [], schedules.peer_library(names, T, delta=delta)
+    for m in lib:
+        f = cost.fraction(m.bits)
+        if f > max(caps.values(), default=0) + 1e-9:
+            records.append(None)
+            continue
+        prov = m.meta["provenance"]
+        settings = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in prov.items()
+                             if k not in ("method", "full_steps"))
+        records.append({"family": prov["method"], "settings": settings, "macs_fraction": f,
+                        "psnr": roll.psnr(cost.rectify(m.bits))})
+    chosen: dict[int, dict[str, Any]] = {}
+    for t, cap in caps.items():
+        best: dict[str, int] = {}
+        for i, r in enumerate(records):
+            if r is not None and r["macs_fraction"] <= cap + 1e-9:
+                j = best.get(r["family"])
+                if j is None or r["psnr"] > records[j]["psnr"]:
+                    best[r["family"]] = i
+        for i in best.values():
+            e = chosen.setdefault(i, {"method": f"{records[i]['family']}: {records[i]['settings']}",
+                                      "family": records[i]["family"], "mask": lib[i], "best_for": [],
+                                      "settings": records[i]["settings"], "selection_psnr": records[i]["psnr"]})
+            e["best_for"].append(t)
+    return list(chosen.values()), [r for r in records if r is not None]
+
+
+def _delta(model: Any, sched: Any, noise: torch.Tensor, kwargs_for: Callable, labels: Any, guidance: Any,
+           T: int) -> list[float]:
+    """δ[i]: relative change of the original model's output from step i-1 to i, on a few noises."""
+    from maskc.sampling import denoise
+
+    s = copy.deepcopy(sched)
+    s.set_timesteps(T)
+    x, prev, out = noise, None, [0.0]
+    kw = kwargs_for(labels[: len(noise)] if labels is not None else None)
+    with torch.no_grad():
+        for t in s.timesteps:
+            eps = denoise(model, x, t, kw, guidance)
+            if prev is not None:
+                out.append(float((eps - prev).norm() / prev.norm().clamp_min(1e-12)))
+            prev = eps
+            x = s.step(eps, t, x).prev_sample
+    return out

@@ -5,7 +5,7 @@ Commands (``maskc <command> --help`` describes each option and its default):
   learn    learn a mask for a diffusers model folder or a diffusers pipeline folder
   compile  compile a model with a mask: the per-step table (runs, reads, writes, MACs), a .pt2
   sample   generate images with a model (and a mask) into a PNG grid
-  bench    learned masks against DeepCache, FORA and random schedules: tables and plots
+  bench    learned masks against every peer family's best schedule of no more MACs: tables and plots
   viz      the graph diff page of one step against the original model (self-contained HTML)
 
 A model is a shipped name (unet, dit, sd) or a diffusers folder written by save_pretrained.
@@ -513,7 +513,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
     from maskc.bench import BenchConfig, run_bench
 
     run_bench(BenchConfig(
-        model=args.model, steps=args.steps, n=args.n, batch=args.batch, targets=tuple(args.targets),
+        model=args.model, steps=args.steps, sampler=args.sampler, peers=args.peers, select_n=args.select_n,
+        step_reuse=tuple(args.step_reuse), delta_threshold=tuple(args.delta_threshold), n=args.n, batch=args.batch, targets=tuple(args.targets),
         main_target=args.main_target, deepcache=tuple(args.deepcache), deepcache_nonuniform=tuple(args.deepcache_nonuniform),
         fora=tuple(args.fora), random=not args.no_random, ablations=args.ablations, guidance_scale=args.guidance_scale,
         time_batch=args.time_batch, time_reps=args.time_reps, memory=not args.no_memory, threads=args.threads,
@@ -630,11 +631,17 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
-    b = add("bench", bench_cmd, "learned masks vs DeepCache / FORA / random schedules: tables and plots",
+    b = add("bench", bench_cmd, "learned masks vs every peer family's best schedule: tables and plots",
             "Learn masks at several MACs targets, write peers' schedules as masks, sample each from the same noise, "
             "and score FD-FMNIST, KID, PSNR, SSIM, MACs, interleaved wall time and peak memory into <out>/<name>.md.")
     b.add_argument("--model", default="unet", help=MODEL_HELP)
-    b.add_argument("--steps", type=int, default=20, help="DDIM steps per generation")
+    b.add_argument("--steps", type=int, default=20, help="sampler steps per generation")
+    b.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
+                   help="DDIM (eta 0) or DPM-Solver++ (multistep, 2nd order)")
+    b.add_argument("--peers", choices=["best", "fixed"], default="best",
+                   help="best: per peer family, its best member of no more MACs than each learned mask (chosen on "
+                        "--select-n other noises); fixed: the intervals given below")
+    b.add_argument("--select-n", type=int, default=16, help="noises that choose each family's best member")
     b.add_argument("--n", type=int, default=2000, help="samples per method")
     b.add_argument("--batch", type=int, default=250, help="generation batch of the quality phase")
     b.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.55, 0.45], help="MACs targets to learn")
@@ -642,7 +649,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--deepcache", type=int, nargs="*", default=[3, 5, 10], help="DeepCache uniform intervals (U-Net)")
     b.add_argument("--deepcache-nonuniform", type=int, nargs="*", default=[5],
                    help="DeepCache non-uniform intervals (U-Net)")
-    b.add_argument("--fora", type=int, nargs="*", default=[2, 3], help="FORA intervals (DiT)")
+    b.add_argument("--fora", type=int, nargs="*", default=[2, 3], help="FORA intervals (DiT; --peers fixed)")
+    b.add_argument("--step-reuse", type=int, nargs="*", default=[2, 3],
+                   help="step-level reuse intervals (--peers fixed)")
+    b.add_argument("--delta-threshold", type=int, nargs="*", default=[10],
+                   help="static δ-threshold schedules with this many full steps (--peers fixed)")
     b.add_argument("--no-random", action="store_true", help="skip the random equal-MACs baseline")
     b.add_argument("--ablations", action="store_true", help="also learn without loss scaling, rectification, Gumbel")
     b.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (DiT)")

@@ -14,13 +14,14 @@ from maskc.errors import MaskcError
 @pytest.mark.slow
 def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     cfg = BenchConfig(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
-                      deepcache_nonuniform=(), time_batch=2, time_reps=2, threads=1, out=str(tmp_path), phase="quality",
-                      learn_kwargs={"iters": 2, "batch": 2})
+                      deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", time_batch=2,
+                      time_reps=2, threads=1, out=str(tmp_path), phase="quality",
+                      learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     q = run_bench(cfg, log=lambda s: None)
     methods = [r["method"] for r in q["rows"]]
     assert methods == ["original (full model)", "maskc learned, target 0.6", "DeepCache uniform N=2",
                        "random, equal MACs (0.6)"]
-    assert not (tmp_path / "bench_unet_ddim3.md").exists()
+    assert "not measured in this run" in (tmp_path / "bench_unet_ddim3.md").read_text()
     cfg.phase = "time"
     res = run_bench(cfg, log=lambda s: None)
     saved = json.loads((tmp_path / "bench_unet_ddim3.json").read_text())
@@ -32,6 +33,7 @@ def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     assert abs(learned["macs_fraction"] - _measured_fraction(tmp_path / learned["mask_file"], 3)) < 1e-9
     assert q["rows"][1]["learned_afresh"] is True
     md = (tmp_path / "bench_unet_ddim3.md").read_text()
+    assert "not measured in this run" not in md
     assert all(f"| {m} |" in md for m in methods) and "real-vs-real floor" in md
     assert (tmp_path / "bench_unet_ddim3_pareto.png").exists() and (tmp_path / "bench_unet_ddim3_mask.png").exists()
     # the learned mask is reused by a second run with the same settings and code ...
@@ -49,6 +51,59 @@ def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     cfg.phase = "time"
     with pytest.raises(MaskcError, match="code"):
         run_bench(cfg, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_bench_best_peers(tmp_path) -> None:
+    """Each family's chosen member has MACs at most the learned mask's and the best PSNR among those,
+    checked against generations through maskc.compile (not the Rollout the selection uses)."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from maskc.eval import fidelity, generation_macs
+    from maskc.models.shipped import load_pretrained
+    from maskc.sampling import generate
+    from maskc.schedules import peer_library
+
+    steps, n_sel = 4, 3
+    cfg = BenchConfig(model="unet", steps=steps, n=4, batch=4, targets=(0.6,), main_target=0.6, select_n=n_sel,
+                      random=False, threads=1, out=str(tmp_path), phase="quality",
+                      learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+    res = run_bench(cfg, log=lambda s: None)
+    learned = next(r for r in res["rows"] if r["family"] == "maskc")
+    chosen = [r for r in res["rows"] if r.get("best_for")]
+    fams = {r["family"] for r in chosen}
+    assert len(chosen) == len(fams) >= 2 and all(r["best_for"] == [0.6] for r in chosen)
+    assert all(r["macs_fraction"] <= learned["macs_fraction"] + 1e-9 for r in chosen)
+    md = (tmp_path / "bench_unet_ddim4.md").read_text()
+    assert "best member of no more MACs" in md and all(f"| 0.6 | {r['method']} |" in md for r in chosen)
+
+    model, _ = load_pretrained("unet")
+    model.float()
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps)
+    ts = [t.reshape(1) for t in sched.timesteps]
+    x1 = torch.zeros(1, 1, 32, 32)
+    full = generation_macs(model, None, (x1,), {"timestep": ts[0]}, "timestep", ts)
+    noise = torch.randn(n_sel, 1, 32, 32, generator=torch.Generator().manual_seed(4321))
+    ref = generate(model, sched, noise, steps, {}, None)
+    cap = generation_macs(model, maskc.Mask.load(str(tmp_path / learned["mask_file"])), (x1,), {"timestep": ts[0]},
+                          "timestep", ts) / full
+    best: dict[str, float] = {}
+    records = {(d["family"], d["settings"]) for d in res["peer_selection"]}
+    n_fit = 0
+    for m in peer_library(maskc.blocks(model), steps):
+        f = generation_macs(model, m, (x1,), {"timestep": ts[0]}, "timestep", ts) / full
+        if f <= cap + 1e-9:
+            n_fit += 1
+            tm = maskc.compile(model, m)
+            p = fidelity(generate(tm, sched, noise, steps, {}, None, reset=tm.reset), ref)["psnr"]
+            fam = m.meta["provenance"]["method"]
+            best[fam] = max(best.get(fam, -1e9), p)
+    for r in chosen:
+        if r["family"] in best:
+            assert abs(r["selection_psnr"] - best[r["family"]]) < 1e-3, r["family"]
+    assert len(records) >= n_fit  # every fitting member was scored (plus the δ schedules, from measured δ)
 
 
 def _measured_fraction(mask_file, steps: int) -> float:
