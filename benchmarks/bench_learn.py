@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="learning seed; held-out noise is seed 1234 + this")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ablation", action="store_true", help="also learn without the trajectory search")
+    ap.add_argument("--ablation", action="store_true", help="also learn without the trajectory search, with the original's and with the masked cache")
     ap.add_argument("--learn", nargs="*", default=[], help="LearnConfig overrides, key=value")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default=None)
@@ -117,7 +117,9 @@ def main() -> None:
 
     rows = []
     for target in a.targets:
-        kinds = [("learned", {})] + ([("learned, no search (ablation)", {"refine": "none"})] if a.ablation else [])
+        kinds = [("learned", {})] + ([("ablation: per-step scores only (the paper's mode, no search)", {"refine": "none"}),
+                                      ("ablation: masked cache, no search (maskc before this change)",
+                                       {"refine": "none", "cache": "masked"})] if a.ablation else [])
         learned = {}
         for label, extra in kinds:
             t0 = time.perf_counter()
