@@ -328,14 +328,15 @@ def learn_cmd(args: argparse.Namespace) -> int:
     import maskc
 
     _threads(args.threads)
-    overrides = dict(batch=args.batch, iters=args.iters, sampling=args.sampling,
+    overrides = dict(batch=args.batch, iters=args.iters, sampling=args.sampling, cache=args.cache, refine=args.refine,
+                     search_evals=args.search_evals, search_batch=args.search_batch,
                      loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
     if args.pipeline:
         return _learn_pipeline(args, overrides)
     if args.prompt:
         raise MaskcError("--prompt needs --pipeline (a bare model folder has no text encoder)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # torchrun: timesteps are sharded across the processes
+    if distributed:  # torchrun: phase 2 splits the steps, phase 4 the calibration noises
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -565,6 +566,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the 35.7M DDPM-CIFAR10 topology with random weights and a DeepCache-like mask instead")
     d.add_argument("--steps", type=int, default=10, help="DDIM steps of the --random-ddpm demo")
 
+    from maskc.learn import LearnConfig
+
+    LC = LearnConfig()
     ln = add("learn", learn_cmd, "learn a mask for a diffusers model folder or pipeline folder",
              "Learn a T x B mask that keeps about --target of the model's MACs (He & Gao 2026, with maskc's cache "
              "model) and write it as JSON. Give a model folder (--model) with a scheduler, or a diffusers pipeline "
@@ -587,8 +591,15 @@ def parser() -> argparse.ArgumentParser:
     ln.add_argument("--scheduler", default="DDIMScheduler", help="(--model) diffusers scheduler class")
     ln.add_argument("--train-steps", type=int, default=1000, help="(--model) the scheduler's training timesteps")
     ln.add_argument("--seed", type=int, default=0, help="seed of the learning trajectory")
-    ln.add_argument("--batch", type=int, default=8, help="samples in the learning trajectory")
-    ln.add_argument("--iters", type=int, default=40, help="optimizer iterations per step")
+    ln.add_argument("--batch", type=int, default=LC.batch, help="samples in the learning trajectory (phase 2)")
+    ln.add_argument("--iters", type=int, default=LC.iters, help="optimizer iterations per step")
+    ln.add_argument("--cache", choices=["original", "masked"], default=LC.cache,
+                    help="phase 2's cache: the original's outputs of step i-1 (the paper) or the masked run's (ablation)")
+    ln.add_argument("--refine", choices=["search", "none"], default=LC.refine,
+                    help="phase 4: search whole masks by the final samples' PSNR (none: the per-step mask, ablation)")
+    ln.add_argument("--search-evals", type=int, default=LC.search_evals, help="masks the trajectory search scores")
+    ln.add_argument("--search-batch", type=int, default=LC.search_batch,
+                    help="calibration noises of the trajectory search (split over torchrun processes)")
     ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="gumbel",
                     help="how masks are sampled during learning (gumbel: Gumbel-Softmax; stochastic: Bernoulli)")
     ln.add_argument("--no-loss-scaling", action="store_true", help="turn off timestep-aware loss scaling")

@@ -253,7 +253,8 @@ def test_viz_writes_the_page(folder, tmp_path, capsys) -> None:
 
 # -- learn -----------------------------------------------------------------------------------------
 
-LEARN_FAST = ["--steps", "3", "--batch", "2", "--iters", "2", "--target", "0.7", "--threads", "1"]
+LEARN_FAST = ["--steps", "3", "--batch", "2", "--iters", "2", "--search-evals", "4", "--search-batch", "2", "--target", "0.7",
+              "--threads", "1"]
 
 
 def test_learn_from_a_model_folder(folder, tmp_path) -> None:
