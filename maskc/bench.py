@@ -408,7 +408,9 @@ def _command(cfg: BenchConfig) -> str:
     if cfg.ablations:
         parts.append("--ablations")
     cmd = " ".join(parts)
-    if cfg.phase != "all":
+    if cfg.phase == "quality":
+        return f"{cmd} --phase quality"
+    if cfg.phase == "time":
         return f"{cmd} --phase quality`, then `{cmd} --phase time"
     return cmd
 

@@ -22,10 +22,12 @@ def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     assert methods == ["original (full model)", "maskc learned, target 0.6", "DeepCache uniform N=2",
                        "random, equal MACs (0.6)"]
     assert "not measured in this run" in (tmp_path / "bench_unet_ddim3.md").read_text()
+    assert q["command"].endswith("--phase quality") and "then" not in q["command"]
     cfg.phase = "time"
     res = run_bench(cfg, log=lambda s: None)
     saved = json.loads((tmp_path / "bench_unet_ddim3.json").read_text())
     assert [r["method"] for r in saved["rows"]] == methods and saved["quality_date"] == q["date"]
+    assert saved["command"].endswith("--phase time") and "then" in saved["command"]
     for r in res["rows"]:
         assert r["speedup_wall"] > 0 and r["peak_memory_bytes"] > 0 and 0 < r["macs_fraction"] <= 1
     # the table's MACs are measured: count the saved learned mask's generation here, independently

@@ -1,0 +1,80 @@
+"""One table over every ``maskc bench`` result: the learned mask against the best peer of no more MACs.
+
+Reads ``benchmarks/results/bench_*.json`` written by ``maskc bench`` (default ``--peers best``),
+and for each model, sampler and learned MACs level names the peer with the highest PSNR among
+each family's best member of no more MACs (the rows marked ``best_for`` that level), with the
+margins in PSNR and FD. Writes ``benchmarks/results/peers_summary.md`` and ``.json``; every
+figure is copied from the bench JSONs, none typed.
+
+Usage: python benchmarks/summarize_peers.py [--results benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def summarize(res: dict) -> list[dict]:
+    """Per learned level of one bench result: the learned row, the best peer and the margins."""
+    rows = res["rows"]
+    orig = rows[0]
+    out = []
+    for lr in (r for r in rows if r["family"] == "maskc"):
+        t = lr["target"]
+        peers = [r for r in rows if t in (r.get("best_for") or [])]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["psnr"])
+        best_fd = min(peers, key=lambda r: r["fd"])
+        out.append({
+            "model": os.path.basename(res["model"]["path"]), "class": res["model"]["class"],
+            "sampler": f"{res['sampler'].get('name', 'ddim')} {res['sampler']['steps']}", "n": res["n"],
+            "target": t, "macs": lr["macs_fraction"], "psnr": lr["psnr"], "fd": lr["fd"],
+            "fd_ratio": lr["fd"] / orig["fd"], "peer": best["method"], "peer_macs": best["macs_fraction"],
+            "peer_psnr": best["psnr"], "peer_fd": best["fd"], "margin_db": lr["psnr"] - best["psnr"],
+            "best_fd_peer": best_fd["method"], "fd_margin": best_fd["fd"] - lr["fd"],
+            "families": len({r["family"] for r in peers}), "date": res.get("quality_date") or res["date"],
+        })
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    a = ap.parse_args()
+    items = []
+    for path in sorted(glob.glob(os.path.join(a.results, "bench_*.json"))):
+        with open(path) as f:
+            res = json.load(f)
+        if not res.get("peer_selection"):
+            continue  # made with fixed peer lists: no best-of-family rows
+        for s in summarize(res):
+            items.append({**s, "table": os.path.basename(path)[:-5] + ".md"})
+    with open(os.path.join(a.results, "peers_summary.json"), "w") as f:
+        json.dump(items, f, indent=1)
+    lines = ["# Learned masks against the best peer of no more MACs, every bench table", "",
+             "Made by `python benchmarks/summarize_peers.py` from the `maskc bench` JSONs named in the last column. "
+             "Peer: among each family's best member of no more MACs than the learned mask (DeepCache uniform and "
+             "non-uniform, FORA, step-level reuse uniform and non-uniform, static δ-threshold; chosen on 16 other "
+             "noises), the one with the highest PSNR on the table's samples. PSNR margin: learned minus that peer "
+             "(the smallest margin over families); FD margin: the lowest-FD peer's FD minus the learned mask's "
+             "(positive: learned better). FD is a sample-set statistic, so at n = 500 differences below about 1 "
+             "are within its noise.", "",
+             "| model | sampler | n | level | MACs | PSNR dB | FD (x orig.) | best peer | peer MACs | peer PSNR "
+             "| PSNR margin | FD margin | table |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for s in items:
+        lines.append(f"| {s['model']} | {s['sampler']} | {s['n']} | {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} "
+                     f"| {s['fd']:.2f} ({s['fd_ratio']:.2f}) | {s['peer']} | {s['peer_macs']:.3f} | {s['peer_psnr']:.2f} "
+                     f"| {s['margin_db']:+.2f} | {s['fd_margin']:+.2f} | [{s['table']}]({s['table']}) |")
+    with open(os.path.join(a.results, "peers_summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
