@@ -90,7 +90,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--n", "1", "--reps", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "MACs: 0.548 of the original" in out
+    m = re.search(r"MACs: ([\d.]+) of the original", out)
+    assert m and 0.57 <= float(m.group(1)) <= 0.61, out  # the shipped mask was learned with target=0.6
     assert re.search(r"speed-up [\d.]+x \(per-round ratios: quartiles [\d.]+-[\d.]+", out)
     assert np.asarray(Image.open(tmp_path / "maskc_demo_unet.png")).shape == (204, 102)  # 2 rows of 34 px, x3
 
