@@ -22,6 +22,7 @@ those and any other public attribute it does not have itself are read from the m
 """
 from __future__ import annotations
 
+import builtins
 from typing import Any, Callable
 
 import torch
@@ -35,15 +36,115 @@ from maskc.passes.schedule import Schedule, cache_timeline, check_reads_filled, 
 __all__ = ["TimestepModules", "compile"]
 
 
-def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable) -> Callable:
-    """The step graph itself for eager, else torch.compile of it with ``backend``."""
-    return gm if backend == "eager" else torch.compile(gm, backend=backend, dynamic=False)
+COMPILE_UNITS = ("block", "step")
+
+
+class _CompiledBlock(torch.nn.Module):
+    """One block under ``torch.compile(fullgraph=True, dynamic=False)``, shared by every step variant.
+
+    A block that dynamo cannot take whole (a graph break) runs eager from then on, with
+    one warning that names it; ``reason`` keeps why.
+    """
+
+    def __init__(self, name: str, block: torch.nn.Module, backend: str | Callable) -> None:
+        super().__init__()
+        self.name = name
+        self.block = block
+        self.compiled = torch.compile(_own_code(block, name), backend=backend, fullgraph=True, dynamic=False)
+        self.reason: str | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.reason is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # a graph break in the block
+                import warnings
+
+                self.reason = str(e).splitlines()[0]
+                warnings.warn(
+                    f"maskc: block {self.name!r} cannot be compiled as one graph ({self.reason}); it runs eager, "
+                    "the other blocks stay compiled. Choose blocks without data-dependent control flow to compile it.",
+                    stacklevel=2,
+                )
+        return self.block(*args, **kwargs)
+
+
+def _own_code(block: torch.nn.Module, name: str) -> Callable:
+    """``block(*args, **kwargs)`` as a function with a code object of its own.
+
+    Dynamo keeps compiled entries per code object and checks their guards in turn at
+    every call. Compiling the blocks themselves would pile every block of a class onto
+    one code object (``Module._call_impl``), so each call would walk the guards of the
+    others and the recompile limit (8) would be hit; one code object per block keeps
+    one entry per block and input shape.
+    """
+    ns: dict[str, Any] = {"block": block}
+    exec(builtins.compile("def run(*args, **kwargs):\n    return block(*args, **kwargs)\n", f"<maskc block {name}>", "exec"), ns)
+    return ns["run"]
+
+
+class _BlockCompiler:
+    """Each block compiled once and shared by every step variant and every trace of a TimestepModules.
+
+    A step variant is then its glue (an fx GraphModule, run eager) calling the shared
+    compiled blocks: a mask with V distinct step graphs costs one compile per distinct
+    (block, input shapes), not V whole-model compiles.
+    """
+
+    def __init__(self, backend: str | Callable) -> None:
+        self.backend = backend
+        self.blocks: dict[str, _CompiledBlock] = {}
+
+    def get(self, name: str, block: torch.nn.Module) -> _CompiledBlock:
+        cb = self.blocks.get(name)
+        if cb is None or cb.block is not block:
+            cb = self.blocks[name] = _CompiledBlock(name, block, self.backend)
+        return cb
+
+    def glue(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """``gm`` with each block call redirected to its shared compiled block (same calling convention)."""
+        import copy
+
+        graph = copy.deepcopy(gm.graph)
+        root: dict[str, Any] = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                if "maskc_block" in n.meta:
+                    name = n.meta["maskc_block"]
+                    n.target = "maskc_compiled_" + "_".join(name.split("."))
+                    root[n.target] = self.get(name, gm.get_submodule(name))
+                else:
+                    root[n.target] = gm.get_submodule(n.target)
+            elif n.op == "get_attr":
+                root[n.target] = _attr(gm, n.target)
+        out = torch.fx.GraphModule(root, graph, class_name="MaskedStepGlue")
+        return out
+
+    def report(self) -> dict[str, Any]:
+        return {"compiled_blocks": sum(cb.reason is None for cb in self.blocks.values()),
+                "eager_blocks": {n: cb.reason for n, cb in self.blocks.items() if cb.reason is not None}}
+
+
+def _attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable, blocks: _BlockCompiler | None) -> Callable:
+    """The step graph itself for eager; its glue over shared compiled blocks; or torch.compile of the whole step."""
+    if backend == "eager":
+        return gm
+    if blocks is not None:
+        return blocks.glue(gm)
+    return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False)
 
 
 class _Plan:
     """Everything derived from one capture: the step graphs and their compiled callables."""
 
-    def __init__(self, cap: Capture, sched: Schedule, backend: str | Callable) -> None:
+    def __init__(self, cap: Capture, sched: Schedule, backend: str | Callable, blocks: _BlockCompiler | None) -> None:
         self.capture = cap
         self.schedule = sched
         self.callables: list[Callable] = []
@@ -51,7 +152,7 @@ class _Plan:
         for sg in sched.steps:
             fn = compiled.get(id(sg))
             if fn is None:
-                fn = _step_callable(sg.gm, backend)
+                fn = _step_callable(sg.gm, backend, blocks)
                 compiled[id(sg)] = fn
             self.callables.append(fn)
 
@@ -66,7 +167,8 @@ class _StepPlan:
     same writes), so the cache stays consistent; its reads must come out the same.
     """
 
-    def __init__(self, cap: Capture, base: _Plan, i: int, skip: tuple[str, ...], backend: str | Callable) -> None:
+    def __init__(self, cap: Capture, base: _Plan, i: int, skip: tuple[str, ...], backend: str | Callable,
+                 blocks: _BlockCompiler | None) -> None:
         from maskc.passes.rewrite import rewrite_step
 
         base_sg = base.schedule.steps[i]
@@ -79,7 +181,7 @@ class _StepPlan:
         self.capture = cap
         self.schedule = base.schedule
         self._sg = sg
-        self._fn = _step_callable(sg.gm, backend)
+        self._fn = _step_callable(sg.gm, backend, blocks)
 
     def step(self, i: int) -> tuple[Any, Callable]:
         return self._sg, self._fn
@@ -96,16 +198,22 @@ class TimestepModules(torch.nn.Module):
         example_args: tuple | None = None,
         example_kwargs: dict | None = None,
         max_traces: int = 4,
+        compile_unit: str = "block",
     ) -> None:
         super().__init__()
         if not isinstance(mask, Mask):
             raise MaskcError(f"expected a maskc.Mask, got {type(mask).__name__}; build one with maskc.Mask(bits, names)")
+        if compile_unit not in COMPILE_UNITS:
+            raise MaskcError(f"compile_unit={compile_unit!r}: expected one of {COMPILE_UNITS} ('block': each block "
+                             "compiled once and shared by all steps; 'step': each distinct step graph compiled whole)")
         mask.check(model)
         check_reads_filled(mask.bits, mask.names)
         self.model = model
         self.mask = mask
         self.backend = backend
         self.max_traces = max_traces
+        self.compile_unit = compile_unit
+        self._blocks = _BlockCompiler(backend) if backend != "eager" and compile_unit == "block" else None
         self._plans: dict[Any, _Plan] = {}  # guard -> plan, most recent last
         self._plan: _Plan | None = None  # the plan of the current generation (set at step 0)
         self._step_plans: dict[tuple[Any, int], _StepPlan] = {}
@@ -271,7 +379,7 @@ class TimestepModules(torch.nn.Module):
                     "resolution, dtype, device and non-tensor arguments fixed; call reset() before a new one."
                 )
             cap = capture(self.model, self.mask.names, args, kwargs)
-            plan = _Plan(cap, schedule(cap, self.mask.bits, self.mask.names), self.backend)
+            plan = _Plan(cap, schedule(cap, self.mask.bits, self.mask.names), self.backend, self._blocks)
             self._plans[key] = plan
             while len(self._plans) > self.max_traces:
                 self._plans.pop(next(iter(self._plans)))
@@ -301,7 +409,7 @@ class TimestepModules(torch.nn.Module):
             assert self._plan is not None
             cap = capture(self.model, self.mask.names, args, kwargs)
             skip = tuple(b for b, on in zip(self.mask.names, self.mask.bits[i].tolist()) if not on)
-            sp = _StepPlan(cap, self._plan, i, skip, self.backend)
+            sp = _StepPlan(cap, self._plan, i, skip, self.backend, self._blocks)
             self._step_plans[(key, i)] = sp
             while len(self._step_plans) > 2 * self.mask.steps:
                 self._step_plans.pop(next(iter(self._step_plans)))
@@ -358,6 +466,13 @@ class TimestepModules(torch.nn.Module):
             "block_bytes": nbytes,
         }
 
+    def compile_report(self) -> dict[str, Any]:
+        """With a compiling backend and ``compile_unit="block"``: how many blocks are compiled, and
+        which run eager because dynamo could not take them whole (block name -> reason)."""
+        if self._blocks is None:
+            return {"compile_unit": self.compile_unit, "backend": self.backend, "compiled_blocks": 0, "eager_blocks": {}}
+        return {"compile_unit": self.compile_unit, "backend": self.backend, **self._blocks.report()}
+
     def cache_entries(self) -> list[str]:
         """Blocks whose value the cache holds right now."""
         return list(self._cache)
@@ -408,11 +523,16 @@ def compile(
     backend: str | Callable = "eager",
     example_args: tuple | None = None,
     example_kwargs: dict | None = None,
+    compile_unit: str = "block",
 ) -> TimestepModules:
     """T modules, one per step of ``mask``, in which skipped blocks are cache reads.
 
-    ``backend="eager"`` runs the fx GraphModules as they are (bit-exact); any other
-    value is passed to ``torch.compile(..., backend=backend)`` per distinct step graph.
-    The trace happens at the first call, or now if example inputs are given.
+    ``backend="eager"`` runs the fx GraphModules as they are (bit-exact). Any other
+    value is a ``torch.compile`` backend. With ``compile_unit="block"`` (the default)
+    each block is compiled once (``fullgraph=True``, static shapes) and every step
+    variant calls the same compiled block from its eager glue, so compile time does not
+    grow with the number of distinct steps; ``"step"`` compiles each distinct step graph
+    whole instead (glue compiled too, one full compile per variant). The trace happens
+    at the first call, or now if example inputs are given.
     """
-    return TimestepModules(model, mask, backend, example_args, example_kwargs)
+    return TimestepModules(model, mask, backend, example_args, example_kwargs, compile_unit=compile_unit)
