@@ -27,6 +27,7 @@ from maskc.mask import Mask
 from maskc.models.shipped import pretrained
 from maskc.pipelines import apply, remove
 from maskc.runtime import TimestepModules, compile
+from maskc.backend import MaskBackend, backend, reset
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,9 @@ __all__ = [
     "apply",
     "blocks",
     "compile",
+    "backend",
+    "reset",
+    "MaskBackend",
     "diff",
     "export",
     "learn",

@@ -111,8 +111,9 @@ class _BlockCompiler:
             if n.op == "call_module":
                 if "maskc_block" in n.meta:
                     name = n.meta["maskc_block"]
+                    block = gm.get_submodule(n.target)
                     n.target = "maskc_compiled_" + "_".join(name.split("."))
-                    root[n.target] = self.get(name, gm.get_submodule(name))
+                    root[n.target] = self.get(name, block)
                 else:
                     root[n.target] = gm.get_submodule(n.target)
             elif n.op == "get_attr":

@@ -1,0 +1,226 @@
+"""maskc under torch.compile (inductor) on CPU: cold compile time of every step variant, and speed.
+
+For each model (the shipped U-Net and DiT with their learned 20-step masks, and the 35.7M
+DDPM-CIFAR10 U-Net with random weights under the shipped U-Net's mask, whose block names
+it shares):
+
+- cold compile: each configuration in a fresh process with inductor's FX graph cache and
+  autograd cache off and an empty inductor cache folder; compile seconds = first generation
+  (which compiles whatever the generation runs: for maskc every step variant) minus the
+  median of the next ones. Configurations: one plain ``torch.compile(model)``, maskc with
+  ``compile_unit="block"`` (each block once, shared by all variants; the default) and, with
+  ``--step-unit``, ``compile_unit="step"`` (each distinct step graph compiled whole);
+- per-generation wall time, four configurations interleaved in one process (order reversed
+  every other round): original eager, original inductor, maskc eager, maskc inductor; medians
+  and quartiles, and maskc inductor's speed-up over original inductor against the MACs ratio
+  (FlopCounterMode over a whole generation).
+
+Usage: python benchmarks/bench_inductor.py [--models unet dit ddpm-cifar10] [--threads 1] [--reps 7]
+Writes benchmarks/results/compile_inductor.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench_compile import cpu_name  # benchmarks/ is the script's folder, first on sys.path
+
+BATCH = {"unet": 8, "dit": 8, "ddpm-cifar10": 1}
+
+
+def setup(name: str, batch: int):
+    """(model, mask, scheduler, x0, kwargs) for one benchmark model; weights and noise fixed by seeds."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from maskc.cli import _load
+
+    if name == "ddpm-cifar10":
+        from maskc.models.configs import DDPM_CIFAR10
+
+        torch.manual_seed(0)
+        model = UNet2DModel(**DDPM_CIFAR10).eval()
+        _, mask, _ = _load("unet", None, need_mask=True)
+    else:
+        model, mask, _ = _load(name, None, need_mask=True)
+    model.eval()
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(mask.steps)
+    c = model.config
+    x0 = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(1))
+    kwargs = {"class_labels": torch.arange(batch) % 10} if name == "dit" else {}
+    return model, mask, sched, x0, kwargs
+
+
+def make(config: str, model, mask):
+    """(callable, reset or None) for one configuration."""
+    import maskc
+
+    if config == "original eager":
+        return model, None
+    if config == "original inductor":
+        return torch.compile(model, dynamic=False), None
+    if config == "maskc eager":
+        tm = maskc.compile(model, mask)
+        return tm, tm.reset
+    unit = "step" if config.endswith("(step)") else "block"
+    tm = maskc.compile(model, mask, backend="inductor", compile_unit=unit)
+    return tm, tm.reset
+
+
+def generation(fn, reset, sched, x0, kwargs) -> torch.Tensor:
+    from maskc.sampling import generate
+
+    with torch.no_grad():
+        return generate(fn, sched, x0, len(sched.timesteps), kwargs, None, reset=reset)
+
+
+def child(name: str, config: str, batch: int, threads: int) -> None:
+    """One cold compile, printed as a JSON line."""
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(threads)
+    model, mask, sched, x0, kwargs = setup(name, batch)
+    fn, reset = make(config, model, mask)
+    t0 = time.perf_counter()
+    generation(fn, reset, sched, x0, kwargs)
+    first = time.perf_counter() - t0
+    rest = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generation(fn, reset, sched, x0, kwargs)
+        rest.append(time.perf_counter() - t0)
+    variants = len({id(fn.step_graph(i)) for i in range(len(fn))}) if hasattr(fn, "step_graph") else 1
+    print(json.dumps({"first_s": first, "steady_s": statistics.median(rest), "compile_s": first - statistics.median(rest),
+                      "unique_graphs": counters["stats"]["unique_graphs"], "variants": variants,
+                      "graph_breaks": sum(counters["graph_break"].values())}))
+
+
+def cold(name: str, config: str, batch: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+                   TORCHINDUCTOR_CACHE_DIR=cache, PYTHONWARNINGS="ignore")
+        out = subprocess.run([sys.executable, __file__, "--child", name, config, str(batch), str(threads)],
+                             env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} {config}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def macs_fraction(model, mask, sched, x0, kwargs) -> float:
+    from maskc.eval import generation_macs
+
+    ts = [t.reshape(1).expand(x0.shape[0]) if kwargs else t.reshape(1) for t in sched.timesteps]
+    ex_kw = {**kwargs, "timestep": ts[0]}
+    return generation_macs(model, mask, (x0,), ex_kw, "timestep", ts) / generation_macs(model, None, (x0,), ex_kw, "timestep", ts)
+
+
+def warm(name: str, batch: int, threads: int, reps: int) -> dict:
+    from maskc.eval import interleaved_times, summarize_times
+
+    torch.set_num_threads(threads)
+    model, mask, sched, x0, kwargs = setup(name, batch)
+    configs = ["original eager", "original inductor", "maskc eager", "maskc inductor"]
+    fns = {c: make(c, model, mask) for c in configs}
+    outs: dict[str, torch.Tensor] = {}
+
+    def run(c):
+        outs[c] = generation(*fns[c], sched, x0, kwargs)
+
+    times = interleaved_times({c: (lambda c=c: run(c)) for c in configs}, reps, warmup=1)
+    err = {"maskc inductor vs maskc eager": float((outs["maskc inductor"] - outs["maskc eager"]).abs().max()),
+           "original inductor vs original eager": float((outs["original inductor"] - outs["original eager"]).abs().max())}
+    return {"times": {c: summarize_times(t) for c, t in times.items()},
+            "per_round": {c: t for c, t in times.items()},
+            "macs_fraction": macs_fraction(model, mask, sched, x0, kwargs), "max_abs_diff": err,
+            "params": sum(p.numel() for p in model.parameters()), "blocks": len(mask.names), "steps": mask.steps}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["unet", "dit", "ddpm-cifar10"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--step-unit", nargs="*", default=["unet"], help="models on which to time compile_unit='step' too")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = ap.parse_args()
+    res: dict = {"benchmark": "bench_inductor", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "command": "python benchmarks/bench_inductor.py " + " ".join(sys.argv[1:]),
+                 "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads,
+                             "python": platform.python_version(), "torch": torch.__version__},
+                 "seeds": {"weights (ddpm-cifar10)": 0, "noise": 1}, "models": {}}
+    for name in a.models:
+        b = BATCH[name]
+        configs = ["original inductor", "maskc inductor"] + (["maskc inductor (step)"] if name in a.step_unit else [])
+        r: dict = {"batch": b, "cold": {}}
+        for c in configs:
+            r["cold"][c] = cold(name, c, b, a.threads)
+            print(f"{name} cold {c}: {r['cold'][c]['compile_s']:.1f} s ({r['cold'][c]['unique_graphs']} graphs)", flush=True)
+        r.update(warm(name, b, a.threads, a.reps))
+        t = r["times"]
+        r["speedup_over_original_inductor"] = t["original inductor"]["median"] / t["maskc inductor"]["median"]
+        r["speedup_over_original_eager"] = t["original eager"]["median"] / t["maskc inductor"]["median"]
+        r["compile_ratio"] = r["cold"]["maskc inductor"]["compile_s"] / r["cold"]["original inductor"]["compile_s"]
+        print(f"{name}: " + ", ".join(f"{c} {v['median']:.3f} s" for c, v in t.items())
+              + f"; MACs {r['macs_fraction']:.3f}; maskc inductor {r['speedup_over_original_inductor']:.2f}x over original inductor",
+              flush=True)
+        res["models"][name] = r
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "compile_inductor.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(a.out, "compile_inductor.md"), "w") as f:
+        f.write(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = ["# maskc under torch.compile (inductor), CPU", "",
+             f"Made by `{res['command']}` on {res['date']}: {m['cpu']}, {m['cores']} cores, "
+             f"`torch.set_num_threads({m['threads']})`, torch {m['torch']}. DDIM 20 steps, float32, no guidance "
+             "(DiT: labels i % 10). Masks: the shipped models' learned masks; the 35.7M DDPM-CIFAR10 U-Net has random "
+             "weights (seed 0) and runs the shipped U-Net's mask (same block names). Noise seed 1.", "",
+             "## Cold compile", "",
+             "Each configuration in a fresh process with inductor's FX graph and autograd caches off and an empty cache "
+             "folder. Compile s = first generation minus the median of the next two: for maskc it compiles every step "
+             "variant the generation runs.", "",
+             "| model | batch | configuration | distinct step variants | graphs compiled | graph breaks | compile s | vs one plain compile |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in res["models"].items():
+        plain = r["cold"]["original inductor"]["compile_s"]
+        for c, v in r["cold"].items():
+            lines.append(f"| {name} | {r['batch']} | {c} | {v['variants']} | {v['unique_graphs']} | {v['graph_breaks']} | "
+                         f"{v['compile_s']:.1f} | {v['compile_s'] / plain:.2f}x |")
+    lines += ["", "## Per-generation wall time, four configurations interleaved", "",
+              "| model | params | batch | MACs (maskc) | original eager s | original inductor s | maskc eager s | maskc inductor s "
+              "| maskc inductor over original inductor | / MACs ratio | max abs diff inductor vs eager (maskc) |",
+              "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for name, r in res["models"].items():
+        t = r["times"]
+
+        def cell(c):
+            return f"{t[c]['median']:.3f} ({t[c]['q1']:.3f}-{t[c]['q3']:.3f})"
+
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['macs_fraction']:.3f} | {cell('original eager')} | "
+                     f"{cell('original inductor')} | {cell('maskc eager')} | {cell('maskc inductor')} | "
+                     f"{r['speedup_over_original_inductor']:.2f}x | {r['speedup_over_original_inductor'] * r['macs_fraction']:.2f} | "
+                     f"{r['max_abs_diff']['maskc inductor vs maskc eager']:.1e} |")
+    lines += ["", "Times: median (quartiles) over the rounds in the JSON (`per_round` holds every round). "
+              "'/ MACs ratio': the speed-up over original inductor divided by the MACs speed-up (1 / MACs fraction); "
+              "1.00 means the wall time falls exactly as the MACs do."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
