@@ -48,8 +48,11 @@ def setup(name: str, batch: int):
         from maskc.models.configs import DDPM_CIFAR10
 
         torch.manual_seed(0)
+        import maskc
+
         model = UNet2DModel(**DDPM_CIFAR10).eval()
-        _, mask, _ = _load("unet", None, need_mask=True)
+        _, shipped, _ = _load("unet", None, need_mask=True)
+        mask = maskc.Mask(shipped.bits, shipped.names)  # same rows and block names, without the shipped model's signature
     else:
         model, mask, _ = _load(name, None, need_mask=True)
     model.eval()

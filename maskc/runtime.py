@@ -148,6 +148,7 @@ class _Plan:
     def __init__(self, cap: Capture, sched: Schedule, backend: str | Callable, blocks: _BlockCompiler | None) -> None:
         self.capture = cap
         self.schedule = sched
+        self.static: Any = None  # StaticSteps when cuda_graphs=True (False: this trace cannot use them)
         self.callables: list[Callable] = []
         compiled: dict[int, Callable] = {}
         for sg in sched.steps:
@@ -200,6 +201,7 @@ class TimestepModules(torch.nn.Module):
         example_kwargs: dict | None = None,
         max_traces: int = 4,
         compile_unit: str = "block",
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(mask, Mask):
@@ -214,6 +216,8 @@ class TimestepModules(torch.nn.Module):
         self.backend = backend
         self.max_traces = max_traces
         self.compile_unit = compile_unit
+        self.cuda_graphs = cuda_graphs
+        self._warned_static = False
         self._blocks = _BlockCompiler(backend) if backend != "eager" and compile_unit == "block" else None
         self._plans: dict[Any, _Plan] = {}  # guard -> plan, most recent last
         self._plan: _Plan | None = None  # the plan of the current generation (set at step 0)
@@ -433,8 +437,16 @@ class TimestepModules(torch.nn.Module):
                 "call reset() before each new generation, or use a mask with as many rows as model evaluations"
             )
         plan, leaves = self._ensure_plan(args, kwargs)
-        sg, fn = plan.step(i)
         tensors = [leaves[j] for j in plan.capture.tensor_leaf_index]
+        static = self._static(plan)
+        if static is not None:
+            flat = static(i, tensors)
+            if static.device is not None and static.device.type != "cuda":
+                self._warn_static(f"cuda_graphs=True with inputs on {static.device.type}: no CUDA graph is captured; "
+                                  "the steps run eagerly over the same static buffers")
+            self._step = i + 1
+            return pytree.tree_unflatten(list(flat), plan.capture.out_spec)
+        sg, fn = plan.step(i)
         cache = self._cache
         out = fn(*tensors, *[cache[b] for b in sg.reads])
         n = sg.n_outputs
@@ -445,6 +457,28 @@ class TimestepModules(torch.nn.Module):
             cache.pop(b, None)
         self._step = i + 1
         return pytree.tree_unflatten(list(out[:n]), plan.capture.out_spec)
+
+    def _static(self, plan: Any) -> Any:
+        """The trace's StaticSteps when cuda_graphs=True and the trace allows them, else None."""
+        if not self.cuda_graphs or not isinstance(plan, _Plan):
+            return None
+        if plan.static is None:
+            from maskc.cudagraphs import StaticSteps, static_support
+
+            why = static_support(plan)
+            if why is not None:
+                self._warn_static(f"cuda_graphs=True: {why}; this trace runs without static buffers or CUDA graphs")
+                plan.static = False
+            else:
+                plan.static = StaticSteps(plan)
+        return plan.static or None
+
+    def _warn_static(self, msg: str) -> None:
+        if not self._warned_static:
+            import warnings
+
+            warnings.warn(msg, stacklevel=4)
+            self._warned_static = True
 
     def cache_report(self) -> dict[str, Any]:
         """Cache bytes held during each step (this mask's liveness) against caching every block.
@@ -460,12 +494,15 @@ class TimestepModules(torch.nn.Module):
             if "maskc_block" in n.meta
         }
         per_step = cache_timeline(self._plan.schedule, nbytes)
-        return {
+        report = {
             "per_step_bytes": per_step,
             "peak_bytes": max(per_step) if per_step else 0,
             "all_blocks_bytes": sum(nbytes.values()),
             "block_bytes": nbytes,
         }
+        if self._plan.static:  # cuda_graphs=True: static slots (shared where lifetimes allow), graphs, pool
+            report["static"] = self._plan.static.report()
+        return report
 
     def compile_report(self) -> dict[str, Any]:
         """With a compiling backend and ``compile_unit="block"``: how many blocks are compiled, and
@@ -525,6 +562,7 @@ def compile(
     example_args: tuple | None = None,
     example_kwargs: dict | None = None,
     compile_unit: str = "block",
+    cuda_graphs: bool = False,
 ) -> TimestepModules:
     """T modules, one per step of ``mask``, in which skipped blocks are cache reads.
 
@@ -533,7 +571,10 @@ def compile(
     each block is compiled once (``fullgraph=True``, static shapes) and every step
     variant calls the same compiled block from its eager glue, so compile time does not
     grow with the number of distinct steps; ``"step"`` compiles each distinct step graph
-    whole instead (glue compiled too, one full compile per variant). The trace happens
-    at the first call, or now if example inputs are given.
+    whole instead (glue compiled too, one full compile per variant). ``cuda_graphs=True``
+    runs each trace over static buffers and, on CUDA, replays one CUDA graph per distinct
+    step variant (``maskc.cudagraphs``). The trace happens at the first call, or now if
+    example inputs are given.
     """
-    return TimestepModules(model, mask, backend, example_args, example_kwargs, compile_unit=compile_unit)
+    return TimestepModules(model, mask, backend, example_args, example_kwargs, compile_unit=compile_unit,
+                           cuda_graphs=cuda_graphs)

@@ -259,6 +259,9 @@ class ValueTracer(fx.Tracer):
             p.node.meta["maskc_block"] = target
             tensors = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
             p.node.meta["maskc_out_shapes"] = [tuple(v.shape) for v in tensors]
+            p.node.meta["maskc_out_dtypes"] = [v.dtype for v in tensors]
+            p.node.meta["maskc_out_strides"] = [tuple(v.stride()) for v in tensors]
+            p.node.meta["maskc_out_is_tensor"] = isinstance(value, torch.Tensor)
             p.node.meta["maskc_out_bytes"] = sum(v.numel() * v.element_size() for v in tensors)
         return p
 
