@@ -3,7 +3,7 @@ time for a 50-step mask, cold inductor compile of every step variant against one
 and peak memory (resident set) of each phase.
 
 Models (random weights, seed 0; speed and memory do not depend on them):
-- SD-1.5-sized ``UNet2DConditionModel()`` (diffusers' defaults are SD 1.x: 860M), latent 4x64x64,
+- SD-1.5-sized ``UNet2DConditionModel`` (diffusers defaults with 768-d text states: 860M), latent 4x64x64,
   text states 77x768;
 - DiT-XL/2-sized ``DiTTransformer2DModel`` (28 layers, 16 heads x 72, patch 2: 675M), latent 4x32x32.
 Mask: random over 50 steps (each block kept with p = 0.5, row 0 all ones, seed 0), so nearly every
@@ -42,7 +42,7 @@ def build(name: str):
     if name == "sd15":
         from diffusers import UNet2DConditionModel
 
-        m = UNet2DConditionModel()
+        m = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5 (defaults are SD 1.x but 1280-d text)
         return m.eval(), (torch.randn(1, 4, 64, 64), torch.tensor(999)), {"encoder_hidden_states": torch.randn(1, 77, 768)}
     from diffusers import DiTTransformer2DModel
 
