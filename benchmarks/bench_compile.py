@@ -39,6 +39,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def machine(threads: int) -> dict:
+    """The machine line every compile benchmark records."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def run_cold(script: str, args: list[str]) -> dict:
+    """``python script --child *args`` in a fresh process with inductor's FX graph and autograd caches off and an
+    empty inductor cache folder (a cold compile); its last stdout line, parsed as JSON."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+                   TORCHINDUCTOR_CACHE_DIR=cache, PYTHONWARNINGS="ignore")
+        out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(script)} {' '.join(args)}: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def generation(fn, x0: torch.Tensor, sched: DDIMScheduler, reset=None) -> float:
     if reset:
         reset()
@@ -103,8 +125,7 @@ def main() -> None:
     res: dict = {
         "benchmark": "bench_compile",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads, "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine(a.threads),
         "model": {"config": "google/ddpm-cifar10-32 topology, random weights (seed 0)", "params": params, "blocks": len(names)},
         "seeds": {"weights": 0, "noise": 1, "masks": 2},
         "steps": a.steps,

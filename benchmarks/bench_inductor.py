@@ -24,16 +24,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from bench_compile import cpu_name  # benchmarks/ is the script's folder, first on sys.path
+from bench_compile import machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
 
 BATCH = {"unet": 8, "dit": 8, "ddpm-cifar10": 1}
 
@@ -109,14 +106,7 @@ def child(name: str, config: str, batch: int, threads: int) -> None:
 
 
 def cold(name: str, config: str, batch: int, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
-                   TORCHINDUCTOR_CACHE_DIR=cache, PYTHONWARNINGS="ignore")
-        out = subprocess.run([sys.executable, __file__, "--child", name, config, str(batch), str(threads)],
-                             env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} {config}: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cold(__file__, [name, config, str(batch), str(threads)])
 
 
 def macs_fraction(model, mask, sched, x0, kwargs) -> float:
@@ -161,8 +151,7 @@ def main() -> None:
     a = ap.parse_args()
     res: dict = {"benchmark": "bench_inductor", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python benchmarks/bench_inductor.py " + " ".join(sys.argv[1:]),
-                 "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads,
-                             "python": platform.python_version(), "torch": torch.__version__},
+                 "machine": machine(a.threads),
                  "seeds": {"weights (ddpm-cifar10)": 0, "noise": 1}, "models": {}}
     for name in a.models:
         b = BATCH[name]

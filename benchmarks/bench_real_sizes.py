@@ -22,16 +22,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from bench_compile import cpu_name  # benchmarks/ is the script's folder, first on sys.path
+from bench_compile import machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
 
 STEPS = 50
 
@@ -102,14 +99,7 @@ def child(name: str, phase: str, threads: int) -> dict:
 
 
 def run_child(name: str, phase: str, threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
-                   TORCHINDUCTOR_CACHE_DIR=cache, PYTHONWARNINGS="ignore")
-        out = subprocess.run([sys.executable, __file__, "--child", name, phase, str(threads)], env=env,
-                             capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} {phase}: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cold(__file__, [name, phase, str(threads)])
 
 
 PHASES = ("eager", "capture", "plain inductor", "maskc inductor")
@@ -126,8 +116,7 @@ def main() -> None:
     a = ap.parse_args()
     res: dict = {"benchmark": "bench_real_sizes", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python benchmarks/bench_real_sizes.py " + " ".join(sys.argv[1:]),
-                 "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads,
-                             "python": platform.python_version(), "torch": torch.__version__},
+                 "machine": machine(a.threads),
                  "steps": STEPS, "seeds": {"weights": 0, "mask": 0}, "models": {}}
     for name in a.models:
         res["models"][name] = {}

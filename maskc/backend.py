@@ -33,7 +33,7 @@ from maskc.errors import MaskcError
 from maskc.mask import Mask
 from maskc.passes.outline import outline_blocks
 from maskc.passes.schedule import check_reads_filled, schedule
-from maskc.runtime import COMPILE_UNITS, _BlockCompiler, _Plan
+from maskc.runtime import COMPILE_UNITS, _BlockCompiler, _Plan, run_step
 
 __all__ = ["MaskBackend", "backend", "reset"]
 
@@ -65,17 +65,9 @@ class _Runner:
     def __call__(self, *args: Any) -> Any:
         if self.step >= self.steps:  # wrap-around: T calls make a generation
             self.reset()
-        i = self.step
-        sg, fn = self.plan.step(i)
-        cache = self.cache
-        out = fn(*args, *[cache[b] for b in sg.reads])
-        n = sg.n_outputs
-        for b, v in zip(sg.writes, out[n:]):
-            cache[b] = v
-        for b in self.plan.schedule.drop_after[i]:
-            cache.pop(b, None)
-        self.step = i + 1
-        return tuple(out[:n])
+        outs, _ = run_step(self.plan, self.step, list(args), self.cache)
+        self.step += 1
+        return tuple(outs)
 
 
 class MaskBackend:
@@ -126,7 +118,7 @@ def reset(compiled: Any) -> None:
     if isinstance(compiled, (TimestepModules, MaskBackend)):
         compiled.reset()
         return
-    ctx = getattr(compiled, "dynamo_ctx", None) or getattr(compiled, "_torchdynamo_orig_callable", None)
+    ctx = getattr(compiled, "dynamo_ctx", None)  # what torch.compile(model) returns (an OptimizedModule) has one
     if ctx is not None and hasattr(ctx, "callback"):
         from torch._dynamo.eval_frame import innermost_backend
 

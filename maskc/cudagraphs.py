@@ -27,11 +27,15 @@ from maskc.passes.buffers import BufferPlan, plan_buffers
 __all__ = ["StaticSteps", "static_support"]
 
 
+def _cached_meta(plan: Any) -> dict[str, dict]:
+    """Capture metadata (output shapes, strides, dtypes, bytes) of every block some step of ``plan`` caches."""
+    meta = {n.meta["maskc_block"]: n.meta for n in plan.capture.gm.graph.nodes if "maskc_block" in n.meta}
+    return {b: meta[b] for b in {b for sg in plan.schedule.steps for b in sg.writes}}
+
+
 def static_support(plan: Any) -> str | None:
     """Why ``plan`` cannot run over static buffers (a cached block that returns other than one tensor), or None."""
-    nodes = {n.meta["maskc_block"]: n for n in plan.capture.gm.graph.nodes if "maskc_block" in n.meta}
-    cached = {b for sg in plan.schedule.steps for b in sg.writes}
-    bad = sorted(b for b in cached if not nodes[b].meta.get("maskc_out_is_tensor", False))
+    bad = sorted(b for b, m in _cached_meta(plan).items() if not m.get("maskc_out_is_tensor", False))
     return f"cached blocks {bad} return something other than one tensor" if bad else None
 
 
@@ -46,15 +50,12 @@ def _strides(meta: dict) -> tuple[int, ...]:
 class StaticSteps:
     """One trace's steps over static input, cache and output buffers; CUDA graphs on CUDA."""
 
-    def __init__(self, plan: Any, graphs: bool = True) -> None:
+    def __init__(self, plan: Any) -> None:
         self.plan = plan
-        nodes = {n.meta["maskc_block"]: n for n in plan.capture.gm.graph.nodes if "maskc_block" in n.meta}
-        cached = {b for sg in plan.schedule.steps for b in sg.writes}
-        specs = {b: (tuple(nodes[b].meta["maskc_out_shapes"][0]), _strides(nodes[b].meta),
-                 nodes[b].meta["maskc_out_dtypes"][0]) for b in cached}
-        nbytes = {b: int(nodes[b].meta["maskc_out_bytes"]) for b in cached}
+        meta = _cached_meta(plan)
+        specs = {b: (tuple(m["maskc_out_shapes"][0]), _strides(m), m["maskc_out_dtypes"][0]) for b, m in meta.items()}
+        nbytes = {b: int(m["maskc_out_bytes"]) for b, m in meta.items()}
         self.buffers: BufferPlan = plan_buffers(plan.schedule, specs, nbytes)
-        self.want_graphs = graphs
         self.slots: list[torch.Tensor] | None = None
         self.static_in: list[torch.Tensor] | None = None
         self.device: torch.device | None = None
@@ -65,7 +66,7 @@ class StaticSteps:
 
     @property
     def capturing(self) -> bool:
-        return self.want_graphs and self.failed is None and self.device is not None and self.device.type == "cuda"
+        return self.failed is None and self.device is not None and self.device.type == "cuda"
 
     def _prepare(self, tensors: list[torch.Tensor]) -> None:
         dev = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device if tensors else torch.device("cpu"))
@@ -83,8 +84,7 @@ class StaticSteps:
         for s, t in zip(self.static_in, tensors):
             s.copy_(t, non_blocking=True)
         sg, fn = self.plan.step(i)
-        slot = self.buffers.slot_of
-        reads = [self.slots[slot[b]] for b in sg.reads]
+        reads = [self.slots[self.buffers.slot_of[b]] for b in sg.reads]
         if self.capturing:
             entry = self.graphs.get(id(sg))
             if entry is None:
@@ -93,10 +93,13 @@ class StaticSteps:
                 entry[0].replay()
                 return entry[1]
         out = fn(*self.static_in, *reads)
-        n = sg.n_outputs
-        for b, v in zip(sg.writes, out[n:]):
-            self.slots[slot[b]].copy_(v)
-        return list(out[:n])
+        self._store(sg, out)
+        return list(out[:sg.n_outputs])
+
+    def _store(self, sg: Any, out: Any) -> None:
+        """Copy the blocks step ``sg`` writes into their slots (inside a capture: recorded in the graph)."""
+        for b, v in zip(sg.writes, out[sg.n_outputs:]):
+            self.slots[self.buffers.slot_of[b]].copy_(v)  # type: ignore[index]
 
     def _capture(self, sg: Any, fn: Callable, reads: list[torch.Tensor]) -> tuple[Any, list[Any]] | None:
         assert self.static_in is not None and self.slots is not None
@@ -114,8 +117,7 @@ class StaticSteps:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
                 out = fn(*self.static_in, *reads)
-                for b, v in zip(sg.writes, out[n:]):
-                    self.slots[self.buffers.slot_of[b]].copy_(v)
+                self._store(sg, out)
             self.pool_bytes += torch.cuda.memory_reserved(self.device) - before
         except Exception as e:  # noqa: BLE001 - any capture failure means: run without graphs
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -23,6 +23,7 @@ those and any other public attribute it does not have itself are read from the m
 from __future__ import annotations
 
 import builtins
+import operator
 from typing import Any, Callable
 
 import torch
@@ -117,20 +118,12 @@ class _BlockCompiler:
                 else:
                     root[n.target] = gm.get_submodule(n.target)
             elif n.op == "get_attr":
-                root[n.target] = _attr(gm, n.target)
-        out = torch.fx.GraphModule(root, graph, class_name="MaskedStepGlue")
-        return out
+                root[n.target] = operator.attrgetter(n.target)(gm)
+        return torch.fx.GraphModule(root, graph, class_name="MaskedStepGlue")
 
     def report(self) -> dict[str, Any]:
         return {"compiled_blocks": sum(cb.reason is None for cb in self.blocks.values()),
                 "eager_blocks": {n: cb.reason for n, cb in self.blocks.items() if cb.reason is not None}}
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable, blocks: _BlockCompiler | None) -> Callable:
@@ -160,6 +153,21 @@ class _Plan:
 
     def step(self, i: int) -> tuple[Any, Callable]:
         return self.schedule.steps[i], self.callables[i]
+
+
+def run_step(plan: Any, i: int, tensors: list[Any], cache: dict[str, Any]) -> tuple[list[Any], int]:
+    """Step i of ``plan`` on ``cache``: its graph fed the cached values it reads; the values later
+    steps read kept, the entries whose last read this was freed. Returns the flat outputs and the
+    number of entries held at the step's peak (after its writes, before the frees)."""
+    sg, fn = plan.step(i)
+    out = fn(*tensors, *[cache[b] for b in sg.reads])
+    n = sg.n_outputs
+    for b, v in zip(sg.writes, out[n:]):
+        cache[b] = v
+    held = len(cache)
+    for b in plan.schedule.drop_after[i]:
+        cache.pop(b, None)
+    return list(out[:n]), held
 
 
 class _StepPlan:
@@ -446,17 +454,10 @@ class TimestepModules(torch.nn.Module):
                                   "the steps run eagerly over the same static buffers")
             self._step = i + 1
             return pytree.tree_unflatten(list(flat), plan.capture.out_spec)
-        sg, fn = plan.step(i)
-        cache = self._cache
-        out = fn(*tensors, *[cache[b] for b in sg.reads])
-        n = sg.n_outputs
-        for b, v in zip(sg.writes, out[n:]):
-            cache[b] = v
-        self.peak_cache_entries = max(self.peak_cache_entries, len(cache))
-        for b in plan.schedule.drop_after[i]:
-            cache.pop(b, None)
+        outs, held = run_step(plan, i, tensors, self._cache)
+        self.peak_cache_entries = max(self.peak_cache_entries, held)
         self._step = i + 1
-        return pytree.tree_unflatten(list(out[:n]), plan.capture.out_spec)
+        return pytree.tree_unflatten(outs, plan.capture.out_spec)
 
     def _static(self, plan: Any) -> Any:
         """The trace's StaticSteps when cuda_graphs=True and the trace allows them, else None."""
