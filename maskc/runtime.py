@@ -22,7 +22,6 @@ those and any other public attribute it does not have itself are read from the m
 """
 from __future__ import annotations
 
-import builtins
 import operator
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ import torch.utils._pytree as pytree
 from maskc.errors import InputChangedError, MaskcError, MaskMismatchError, StepOverflowError
 from maskc.mask import Mask
 from maskc.passes.capture import Capture, capture, flatten_inputs, guard_key
+from maskc.passes.segments import fuse_glue, glue_positions
 from maskc.passes.schedule import Schedule, cache_timeline, check_reads_filled, schedule
 
 __all__ = ["TimestepModules", "compile"]
@@ -40,70 +40,112 @@ __all__ = ["TimestepModules", "compile"]
 COMPILE_UNITS = ("block", "step")
 
 
-class _CompiledBlock(torch.nn.Module):
-    """One block under ``torch.compile(fullgraph=True, dynamic=False)``, shared by every step variant.
+def _meta(args: tuple, kwargs: dict) -> tuple:
+    """What a compiled program is specialized to: each argument's shape, strides, dtype and device, or its value."""
+    def one(a: Any) -> Any:
+        return (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a)
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
 
-    A block that dynamo cannot take whole (a graph break) runs eager from then on, with
-    one warning that names it; ``reason`` keeps why.
+
+def _own_code(fn: Callable, label: str) -> Callable:
+    """``fn`` with a code object of its own.
+
+    Dynamo keeps compiled entries per code object and checks their guards in turn at every
+    call, up to 8 (``recompile_limit``); a fullgraph compile past that fails. Compiling the
+    blocks themselves would pile every block of a class onto one code object
+    (``Module._call_impl``); one code object per program (block or glue run, and input
+    shapes) keeps exactly one entry each, however many traces come and go.
+    """
+    import types
+
+    code = fn.__code__.replace(co_name=label.replace(".", "_").replace(" ", "_"))
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _call_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return block(*args, **kwargs)
+
+
+class _GlueModules(torch.nn.Module):
+    """The modules ``m0, m1, ...`` of a canonical glue run: ``self`` of its shared program (one class
+    for every run, so the program's guards see one type whatever layer's modules it gets)."""
+
+    def __init__(self, run: torch.fx.GraphModule) -> None:
+        super().__init__()
+        for name, m in run.named_children():
+            setattr(self, name, m)
+
+
+class _Compiled(torch.nn.Module):
+    """A block or a glue run of one trace, run by a compiled program shared through the compiler.
+
+    The program is picked at the first call by ``key`` and the inputs' shapes, strides and
+    dtypes (fixed for the life of a trace): the same block in every step variant, and glue
+    runs of the same code in any layer, share it. Where dynamo cannot take the piece whole
+    (a graph break), it runs eager from then on, with one warning per program.
     """
 
-    def __init__(self, name: str, block: torch.nn.Module, backend: str | Callable) -> None:
+    def __init__(self, owner: "_BlockCompiler", what: str, key: Any, fn: Callable, first: Any, eager: Callable) -> None:
         super().__init__()
-        self.name = name
-        self.block = block
-        self.compiled = torch.compile(_own_code(block, name), backend=backend, fullgraph=True, dynamic=False)
-        self.reason: str | None = None
+        self.owner, self.what, self.key, self.fn, self.eager = owner, what, key, fn, eager
+        self.first = first  # the program's first argument: the block, or the run's modules
+        self.program: Callable | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.reason is None:
+        program = self.program
+        if program is None:
+            program = self.program = self.owner.program(self.what, (self.key, _meta(args, kwargs)), self.fn)
+        if program is not self.eager:
             try:
-                return self.compiled(*args, **kwargs)
-            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # a graph break in the block
-                import warnings
-
-                self.reason = str(e).splitlines()[0]
-                warnings.warn(
-                    f"maskc: block {self.name!r} cannot be compiled as one graph ({self.reason}); it runs eager, "
-                    "the other blocks stay compiled. Choose blocks without data-dependent control flow to compile it.",
-                    stacklevel=2,
-                )
-        return self.block(*args, **kwargs)
-
-
-def _own_code(block: torch.nn.Module, name: str) -> Callable:
-    """``block(*args, **kwargs)`` as a function with a code object of its own.
-
-    Dynamo keeps compiled entries per code object and checks their guards in turn at
-    every call. Compiling the blocks themselves would pile every block of a class onto
-    one code object (``Module._call_impl``), so each call would walk the guards of the
-    others and the recompile limit (8) would be hit; one code object per block keeps
-    one entry per block and input shape.
-    """
-    ns: dict[str, Any] = {"block": block}
-    exec(builtins.compile("def run(*args, **kwargs):\n    return block(*args, **kwargs)\n", f"<maskc block {name}>", "exec"), ns)
-    return ns["run"]
+                return program(self.first, *args, **kwargs)
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # a graph break
+                self.program = self.owner.failed(self.what, (self.key, _meta(args, kwargs)), e, self.eager)
+        return self.eager(*args, **kwargs)
 
 
 class _BlockCompiler:
-    """Each block compiled once and shared by every step variant and every trace of a TimestepModules.
+    """Blocks and glue runs compiled once and shared by every step variant and every trace.
 
-    A step variant is then its glue (an fx GraphModule, run eager) calling the shared
-    compiled blocks: a mask with V distinct step graphs costs one compile per distinct
-    (block, input shapes), not V whole-model compiles.
+    A step variant is its glue calling the shared compiled blocks: a mask with V distinct
+    step graphs costs one compile per distinct (block, input shapes), not V whole-model
+    compiles. The glue's runs between blocks are fused (``passes.segments``) and compiled
+    too, each distinct (code, module types, input shapes) once for all steps and layers;
+    runs too small to gain (fewer than ``glue_min_ops`` operations) stay eager.
     """
 
-    def __init__(self, backend: str | Callable) -> None:
+    def __init__(self, backend: str | Callable, glue_min_ops: int = 3) -> None:
         self.backend = backend
-        self.blocks: dict[str, _CompiledBlock] = {}
+        self.glue_min_ops = glue_min_ops
+        self.programs: dict[Any, Callable] = {}  # (kind, key, meta) -> compiled program, or the eager fallback
+        self.eager_blocks: dict[str, str] = {}  # block -> why it runs eager
+        self.eager_glue = 0  # glue programs that run eager
 
-    def get(self, name: str, block: torch.nn.Module) -> _CompiledBlock:
-        cb = self.blocks.get(name)
-        if cb is None or cb.block is not block:
-            cb = self.blocks[name] = _CompiledBlock(name, block, self.backend)
-        return cb
+    def program(self, what: str, key: Any, fn: Callable) -> Callable:
+        got = self.programs.get(key)
+        if got is None:
+            got = self.programs[key] = torch.compile(_own_code(fn, f"maskc {what} {len(self.programs)}"),
+                                                     backend=self.backend, fullgraph=True, dynamic=False)
+        return got
 
-    def glue(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """``gm`` with each block call redirected to its shared compiled block (same calling convention)."""
+    def failed(self, what: str, key: Any, e: Exception, eager: Callable) -> Callable:
+        import warnings
+
+        reason = str(e).splitlines()[0]
+        if key[0][0] == "block":
+            self.eager_blocks[key[0][1]] = reason
+        else:
+            self.eager_glue += 1
+        self.programs[key] = eager
+        warnings.warn(
+            f"maskc: {what} cannot be compiled as one graph ({reason}); it runs eager, the rest stays compiled. "
+            "Choose blocks without data-dependent control flow to compile it.", stacklevel=3)
+        return eager
+
+    def glue(self, gm: torch.fx.GraphModule, fuse: bool = True, positions: dict[str, int] | None = None,
+             ) -> torch.fx.GraphModule:
+        """``gm`` with each block call redirected to its shared compiled block (same calling convention)
+        and, with ``fuse``, each glue run of ``glue_min_ops`` or more operations one compiled call
+        (runs cut where the capture had a block too, given its ``positions``)."""
         import copy
 
         graph = copy.deepcopy(gm.graph)
@@ -114,24 +156,37 @@ class _BlockCompiler:
                     name = n.meta["maskc_block"]
                     block = gm.get_submodule(n.target)
                     n.target = "maskc_compiled_" + "_".join(name.split("."))
-                    root[n.target] = self.get(name, block)
+                    root[n.target] = _Compiled(self, f"block {name!r}", ("block", name, id(block)), _call_block,
+                                               block, block)
                 else:
                     root[n.target] = gm.get_submodule(n.target)
             elif n.op == "get_attr":
                 root[n.target] = operator.attrgetter(n.target)(gm)
-        return torch.fx.GraphModule(root, graph, class_name="MaskedStepGlue")
+        glue = torch.fx.GraphModule(root, graph, class_name="MaskedStepGlue")
+        if fuse:
+            glue, runs = fuse_glue(glue, self.glue_min_ops, positions)
+            for target, run in runs.items():
+                mods = _GlueModules(run)
+                key = ("glue", run.code, tuple(type(m) for m in mods.children()))
+                setattr(glue, target, _Compiled(self, "a glue run between blocks", key, type(run).forward, mods, run))
+        return glue
 
     def report(self) -> dict[str, Any]:
-        return {"compiled_blocks": sum(cb.reason is None for cb in self.blocks.values()),
-                "eager_blocks": {n: cb.reason for n, cb in self.blocks.items() if cb.reason is not None}}
+        """Blocks compiled and run eager (with why); programs (one per piece and input shapes) of each kind."""
+        kinds = [k[0][0] for k in self.programs]
+        blocks = {k[0][1] for k in self.programs if k[0][0] == "block"}
+        return {"compiled_blocks": len(blocks - set(self.eager_blocks)), "eager_blocks": dict(self.eager_blocks),
+                "block_programs": kinds.count("block"), "glue_programs": kinds.count("glue"),
+                "eager_glue_programs": self.eager_glue}
 
 
-def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable, blocks: _BlockCompiler | None) -> Callable:
+def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable, blocks: _BlockCompiler | None,
+                   fuse: bool = True, positions: dict[str, int] | None = None) -> Callable:
     """The step graph itself for eager; its glue over shared compiled blocks; or torch.compile of the whole step."""
     if backend == "eager":
         return gm
     if blocks is not None:
-        return blocks.glue(gm)
+        return blocks.glue(gm, fuse, positions)
     return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False)
 
 
@@ -144,10 +199,11 @@ class _Plan:
         self.static: Any = None  # StaticSteps when cuda_graphs=True (False: this trace cannot use them)
         self.callables: list[Callable] = []
         compiled: dict[int, Callable] = {}
+        positions = glue_positions(cap.gm.graph) if blocks is not None else None
         for sg in sched.steps:
             fn = compiled.get(id(sg))
             if fn is None:
-                fn = _step_callable(sg.gm, backend, blocks)
+                fn = _step_callable(sg.gm, backend, blocks, positions=positions)
                 compiled[id(sg)] = fn
             self.callables.append(fn)
 
@@ -191,7 +247,8 @@ class _StepPlan:
         self.capture = cap
         self.schedule = base.schedule
         self._sg = sg
-        self._fn = _step_callable(sg.gm, backend, blocks)
+        # its glue holds this step's numbers as constants: compiled, it would cost one compile per step
+        self._fn = _step_callable(sg.gm, backend, blocks, fuse=False)
 
     def step(self, i: int) -> tuple[Any, Callable]:
         return self._sg, self._fn

@@ -22,7 +22,6 @@ import inspect
 import linecache
 import operator
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator

@@ -1,0 +1,132 @@
+"""Compiled glue (compile_unit="block"): the runs of glue between blocks are fused
+(passes.segments) and compiled, shared by layers and steps; every step still equals the hook
+reference bit for bit (a pass-through backend runs the pieces as dynamo hands them over), and
+no program is ever compiled twice, however many steps, generations or input shapes come."""
+from __future__ import annotations
+
+import operator
+import re
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import maskc
+from archs import FAMILIES, randomize, random_bits
+from maskc.models.dit import DiT
+from maskc.passes.segments import GLUE_PREFIX
+from reference import HookReference
+from test_backend import _recording
+from test_equivalence import leaves_equal, reference_outputs, trajectory
+
+_FEW = settings(max_examples=max(3, settings.default.max_examples // 5))
+
+
+def _work(n: torch.fx.Node) -> bool:
+    return n.op in ("call_function", "call_method", "call_module") and n.target not in (operator.getitem, getattr)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@_FEW
+@given(data=st.data())
+def test_fused_glue_steps_equal_reference(family: str, data) -> None:
+    case = data.draw(FAMILIES[family](), label="case")
+    names = maskc.blocks(case.model)
+    steps = data.draw(st.integers(2, 5), label="steps")
+    bits = random_bits(data.draw, steps, len(names))
+    min_ops = data.draw(st.sampled_from([1, 3]), label="min_ops")
+    expected = reference_outputs(case, bits, names, steps)
+    torch._dynamo.reset()
+    seen, backend = _recording()
+    tm = maskc.compile(case.model, maskc.Mask(bits, names), backend=backend)
+    tm._blocks.glue_min_ops = min_ops
+    for gen in range(2):
+        tm.reset()
+        for i, (_, out) in enumerate(trajectory(case, tm, steps)):
+            assert leaves_equal(out, expected[i]), f"generation {gen} step {i} differs; mask row {bits[i].int().tolist()}"
+        if gen == 0:
+            compiled = len(seen)
+    assert len(seen) == compiled, "the second generation compiled again"
+    for i in range(steps):
+        glue = tm._plan.callables[i]
+        run = 0
+        for n in glue.graph.nodes:  # what is left outside the fused runs: fewer than min_ops in a row
+            if isinstance(n.target, str) and n.target.startswith(("maskc_compiled_", GLUE_PREFIX)):
+                run = 0
+            elif _work(n):
+                run += 1
+                assert run < min_ops, f"step {i}: {run} operations in a row left unfused (min_ops={min_ops})\n{glue.code}"
+            if n.op == "call_module" and n.target.startswith(GLUE_PREFIX):
+                code = getattr(glue, n.target).eager.code
+                names_used = set(re.findall(r"^\s*(\w+) = ", code, re.M)) | set(re.findall(r"self\.(\w+)", code))
+                names_used |= set(re.search(r"def forward\(self, ([^)]*)\)", code).group(1).split(", "))
+                assert all(re.fullmatch(r"[xvm]\d+", s) for s in names_used), f"not canonical:\n{code}"
+
+
+def _dit(depth: int = 4):
+    m = randomize(DiT(input_size=8, hidden_size=32, depth=depth, num_heads=2), 0)
+    return m, maskc.blocks(m)
+
+
+def test_glue_programs_are_shared_by_layers_and_steps() -> None:
+    """A DiT of 4 layers, every block run: 9 glue runs (before the first block, between attention and
+    MLP of each layer, between layers, after the last) but 4 programs; a 6-step mask that skips
+    blocks reuses the same pieces (cut where skipped blocks stood): 11 programs, the four kinds of run
+    in the variants dead-code elimination leaves of them (15 if runs were not cut there)."""
+    m, names = _dit()
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    seen, backend = _recording()
+    tm = maskc.compile(m, maskc.Mask(torch.ones(2, len(names), dtype=torch.bool), names), backend=backend)
+    with torch.no_grad():
+        tm(x, torch.full((2,), 900.0), y)
+    glue = tm._plan.callables[0]
+    runs = [n for n in glue.graph.nodes if n.op == "call_module" and n.target.startswith(GLUE_PREFIX)]
+    rep = tm.compile_report()
+    assert len(runs) == 9 and rep["glue_programs"] == 4, (len(runs), rep)
+    assert len(seen) == len(names) + 4
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.rand(6, len(names), generator=g) < 0.5
+    bits[0] = True
+    mask = maskc.Mask(bits, names)
+    ref = HookReference(m, bits, names)
+    seen, backend = _recording()
+    tm = maskc.compile(m, mask, backend=backend)
+    calls = [(x * (1 - 0.1 * i), torch.full((2,), 900.0 - 150 * i), y) for i in range(6)]
+    with torch.no_grad():
+        want = [ref(*c) for c in calls]
+        got = [tm(*c) for c in calls]
+    for i in range(6):
+        assert torch.equal(got[i], want[i]), f"step {i}"
+    distinct = len({id(tm.step_graph(i)) for i in range(6)})
+    rep = tm.compile_report()
+    assert distinct >= 4 and rep["glue_programs"] <= 11, (distinct, rep["glue_programs"])  # 15 if runs were not cut
+
+
+def test_many_input_shapes_never_hit_the_recompile_limit() -> None:
+    """Ten batch sizes through one TimestepModules (traces come and go): each block and glue program
+    is compiled once per shape under a code object of its own, so dynamo never recompiles one and
+    never reaches its limit of 8 entries per code object (a fullgraph compile would fail there)."""
+    m, names = _dit(depth=2)
+    bits = torch.tensor([[1] * len(names), [1, 0] * (len(names) // 2)], dtype=torch.bool)
+    torch._dynamo.reset()
+    counters.clear()
+    seen, backend = _recording()
+    tm = maskc.TimestepModules(m, maskc.Mask(bits, names), backend=backend, max_traces=2)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        for b in range(1, 11):
+            x, y = torch.randn(b, 1, 8, 8), torch.arange(b) % 10
+            calls = [(x, torch.full((b,), 900.0), y), (x * 0.9, torch.full((b,), 500.0), y)]
+            ref = HookReference(m, bits, names)
+            want = [ref(*c) for c in calls]
+            tm.reset()
+            for i, c in enumerate(calls):
+                assert torch.equal(tm(*c), want[i]), f"batch {b} step {i}"
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    rep = tm.compile_report()
+    assert rep["block_programs"] == 10 * len(names) and not rep["eager_blocks"] and not rep["eager_glue_programs"], rep
