@@ -15,8 +15,12 @@ it shares):
   and quartiles, and maskc inductor's speed-up over original inductor against the MACs ratio
   (FlopCounterMode over a whole generation).
 
-Usage: python benchmarks/bench_inductor.py [--models unet dit ddpm-cifar10] [--threads 1] [--reps 7]
-Writes benchmarks/results/compile_inductor.md and .json.
+``unet-random12`` is the issue's acceptance case: the shipped U-Net under a random 12-step mask
+(12 distinct variants).
+
+Usage: python benchmarks/bench_inductor.py [--models unet dit ddpm-cifar10 unet-random12] [--threads 1] [--reps 7]
+       [--tag NAME]
+Writes benchmarks/results/compile_inductor.md and .json (compile_inductor_NAME.* with --tag).
 """
 from __future__ import annotations
 
@@ -32,7 +36,14 @@ import torch
 
 from bench_compile import machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
 
-BATCH = {"unet": 8, "dit": 8, "ddpm-cifar10": 1}
+BATCH = {"unet": 8, "dit": 8, "ddpm-cifar10": 1, "unet-random12": 8}
+ABOUT = {
+    "unet": "shipped U-Net, its learned 20-step mask, DDIM 20",
+    "dit": "shipped DiT, its learned 20-step mask, DDIM 20, labels i % 10",
+    "ddpm-cifar10": "35.7M DDPM-CIFAR10 U-Net, random weights (seed 0), the shipped U-Net's mask (same block names), DDIM 20",
+    "unet-random12": "shipped U-Net, a random 12-step mask (each block kept with p = 0.5, row 0 all ones, seed 3: "
+                     "12 distinct variants, the issue's acceptance case), DDIM 12",
+}
 
 
 def setup(name: str, batch: int):
@@ -41,7 +52,15 @@ def setup(name: str, batch: int):
 
     from maskc.cli import _load
 
-    if name == "ddpm-cifar10":
+    if name == "unet-random12":
+        import maskc
+
+        model, _, _ = _load("unet", None, need_mask=False)
+        names = maskc.blocks(model)
+        bits = torch.rand(12, len(names), generator=torch.Generator().manual_seed(3)) < 0.5
+        bits[0] = True
+        mask = maskc.Mask(bits, names)
+    elif name == "ddpm-cifar10":
         from maskc.models.configs import DDPM_CIFAR10
 
         torch.manual_seed(0)
@@ -100,7 +119,8 @@ def child(name: str, config: str, batch: int, threads: int) -> None:
         generation(fn, reset, sched, x0, kwargs)
         rest.append(time.perf_counter() - t0)
     variants = len({id(fn.step_graph(i)) for i in range(len(fn))}) if hasattr(fn, "step_graph") else 1
-    print(json.dumps({"first_s": first, "steady_s": statistics.median(rest), "compile_s": first - statistics.median(rest),
+    rep = fn.compile_report() if hasattr(fn, "compile_report") else {}
+    print(json.dumps({"block_programs": rep.get("block_programs"), "glue_programs": rep.get("glue_programs"), "first_s": first, "steady_s": statistics.median(rest), "compile_s": first - statistics.median(rest),
                       "unique_graphs": counters["stats"]["unique_graphs"], "variants": variants,
                       "graph_breaks": sum(counters["graph_break"].values())}))
 
@@ -148,6 +168,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--step-unit", nargs="*", default=["unet"], help="models on which to time compile_unit='step' too")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--tag", default="", help="write compile_inductor_<tag>.md/.json instead of compile_inductor.md/.json")
     a = ap.parse_args()
     res: dict = {"benchmark": "bench_inductor", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python benchmarks/bench_inductor.py " + " ".join(sys.argv[1:]),
@@ -170,9 +191,10 @@ def main() -> None:
               flush=True)
         res["models"][name] = r
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "compile_inductor.json"), "w") as f:
+    stem = "compile_inductor" + (f"_{a.tag}" if a.tag else "")
+    with open(os.path.join(a.out, stem + ".json"), "w") as f:
         json.dump(res, f, indent=1)
-    with open(os.path.join(a.out, "compile_inductor.md"), "w") as f:
+    with open(os.path.join(a.out, stem + ".md"), "w") as f:
         f.write(markdown(res))
 
 
@@ -180,19 +202,20 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["# maskc under torch.compile (inductor), CPU", "",
              f"Made by `{res['command']}` on {res['date']}: {m['cpu']}, {m['cores']} cores, "
-             f"`torch.set_num_threads({m['threads']})`, torch {m['torch']}. DDIM 20 steps, float32, no guidance "
-             "(DiT: labels i % 10). Masks: the shipped models' learned masks; the 35.7M DDPM-CIFAR10 U-Net has random "
-             "weights (seed 0) and runs the shipped U-Net's mask (same block names). Noise seed 1.", "",
+             f"`torch.set_num_threads({m['threads']})`, torch {m['torch']}. float32, no guidance, noise seed 1. Models:", "",
+             *[f"- {name}: {ABOUT[name]}" for name in res["models"]], "",
              "## Cold compile", "",
              "Each configuration in a fresh process with inductor's FX graph and autograd caches off and an empty cache "
              "folder. Compile s = first generation minus the median of the next two: for maskc it compiles every step "
              "variant the generation runs.", "",
-             "| model | batch | configuration | distinct step variants | graphs compiled | graph breaks | compile s | vs one plain compile |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | batch | configuration | distinct step variants | graphs compiled | block / glue programs | graph breaks "
+             "| compile s | vs one plain compile |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in res["models"].items():
         plain = r["cold"]["original inductor"]["compile_s"]
         for c, v in r["cold"].items():
-            lines.append(f"| {name} | {r['batch']} | {c} | {v['variants']} | {v['unique_graphs']} | {v['graph_breaks']} | "
+            progs = f"{v['block_programs']} / {v['glue_programs']}" if v.get("block_programs") else "-"
+            lines.append(f"| {name} | {r['batch']} | {c} | {v['variants']} | {v['unique_graphs']} | {progs} | {v['graph_breaks']} | "
                          f"{v['compile_s']:.1f} | {v['compile_s'] / plain:.2f}x |")
     lines += ["", "## Per-generation wall time, four configurations interleaved", "",
               "| model | params | batch | MACs (maskc) | original eager s | original inductor s | maskc eager s | maskc inductor s "
