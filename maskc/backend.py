@@ -18,8 +18,8 @@ steps per generation needs no reset. A call count that is not a multiple of T wi
 resets (an interrupted generation) misaligns the steps: call ``maskc.reset``.
 
 ``inner`` compiles the pieces: "eager" runs the step graphs as they are; any other
-torch.compile backend (e.g. "inductor") compiles each block once, shared by every step
-(``compile_unit="block"``), or each distinct step graph whole (``"step"``).
+torch.compile backend (e.g. "inductor") compiles each block and each distinct glue run once,
+shared by every step (``compile_unit="block"``), or each distinct step graph whole (``"step"``).
 """
 from __future__ import annotations
 

@@ -627,8 +627,9 @@ def compile(
     ``backend="eager"`` runs the fx GraphModules as they are (bit-exact). Any other
     value is a ``torch.compile`` backend. With ``compile_unit="block"`` (the default)
     each block is compiled once (``fullgraph=True``, static shapes) and every step
-    variant calls the same compiled block from its eager glue, so compile time does not
-    grow with the number of distinct steps; ``"step"`` compiles each distinct step graph
+    variant calls the same compiled block; the glue between blocks is cut into runs
+    (``passes.segments``) and each distinct run is compiled once for all steps and
+    layers, so compile time barely grows with the number of distinct steps; ``"step"`` compiles each distinct step graph
     whole instead (glue compiled too, one full compile per variant). ``cuda_graphs=True``
     runs each trace over static buffers and, on CUDA, replays one CUDA graph per distinct
     step variant (``maskc.cudagraphs``). The trace happens at the first call, or now if
