@@ -76,6 +76,11 @@ class _GlueModules(torch.nn.Module):
             setattr(self, name, m)
 
 
+_EAGER = object()  # a program dynamo or the backend could not compile: each piece runs its own eager code
+# a graph break, or the backend failing on the piece's graph: that piece runs eager, the rest stays compiled
+_CANNOT = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torch._dynamo.exc.BackendCompilerFailed)
+
+
 class _Compiled(torch.nn.Module):
     """A block or a glue run of one trace, run by a compiled program shared through the compiler.
 
@@ -95,11 +100,11 @@ class _Compiled(torch.nn.Module):
         program = self.program
         if program is None:
             program = self.program = self.owner.program(self.what, (self.key, _meta(args, kwargs)), self.fn)
-        if program is not self.eager:
+        if program is not _EAGER:
             try:
                 return program(self.first, *args, **kwargs)
-            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # a graph break
-                self.program = self.owner.failed(self.what, (self.key, _meta(args, kwargs)), e, self.eager)
+            except _CANNOT as e:
+                self.program = self.owner.failed(self.what, (self.key, _meta(args, kwargs)), e)
         return self.eager(*args, **kwargs)
 
 
@@ -116,7 +121,7 @@ class _BlockCompiler:
     def __init__(self, backend: str | Callable, glue_min_ops: int = 3) -> None:
         self.backend = backend
         self.glue_min_ops = glue_min_ops
-        self.programs: dict[Any, Callable] = {}  # (kind, key, meta) -> compiled program, or the eager fallback
+        self.programs: dict[Any, Any] = {}  # (kind, key, meta) -> compiled program, or _EAGER
         self.eager_blocks: dict[str, str] = {}  # block -> why it runs eager
         self.eager_glue = 0  # glue programs that run eager
 
@@ -127,19 +132,21 @@ class _BlockCompiler:
                                                      backend=self.backend, fullgraph=True, dynamic=False)
         return got
 
-    def failed(self, what: str, key: Any, e: Exception, eager: Callable) -> Callable:
+    def failed(self, what: str, key: Any, e: Exception) -> Any:
+        """Mark the program ``key`` eager for every piece that shares it (each then runs its own eager code)."""
         import warnings
 
-        reason = str(e).splitlines()[0]
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if key[0][0] == "block":
             self.eager_blocks[key[0][1]] = reason
         else:
             self.eager_glue += 1
-        self.programs[key] = eager
+        self.programs[key] = _EAGER
         warnings.warn(
             f"maskc: {what} cannot be compiled as one graph ({reason}); it runs eager, the rest stays compiled. "
-            "Choose blocks without data-dependent control flow to compile it.", stacklevel=3)
-        return eager
+            "A graph break comes from data-dependent control flow; a backend failure is the backend's to report.",
+            stacklevel=3)
+        return _EAGER
 
     def glue(self, gm: torch.fx.GraphModule, fuse: bool = True, positions: dict[str, int] | None = None,
              ) -> torch.fx.GraphModule:

@@ -133,3 +133,29 @@ def test_many_input_shapes_never_hit_the_recompile_limit() -> None:
     assert not counters["recompiles"], dict(counters["recompiles"])
     rep = tm.compile_report()
     assert rep["block_programs"] == 10 * len(names) and not rep["eager_blocks"] and not rep["eager_glue_programs"], rep
+
+
+def test_a_backend_failure_runs_each_piece_eager_with_its_own_code() -> None:
+    """A backend that fails on every graph: each block and glue run falls back to its own eager code with a
+    warning, also the runs of other layers that share the failed program, and every step stays exact."""
+    m, names = _dit()
+    g = torch.Generator().manual_seed(1)
+    bits = torch.rand(4, len(names), generator=g) < 0.5
+    bits[0] = True
+    ref = HookReference(m, bits, names)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    calls = [(x * (1 - 0.1 * i), torch.full((2,), 900.0 - 200 * i), y) for i in range(4)]
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("this backend cannot compile anything")
+
+    torch._dynamo.reset()
+    tm = maskc.compile(m, maskc.Mask(bits, names), backend=failing)
+    with torch.no_grad(), pytest.warns(UserWarning, match="cannot be compiled as one graph.*BackendCompilerFailed"):
+        want = [ref(*c) for c in calls]
+        got = [tm(*c) for c in calls]
+    for i in range(4):
+        assert torch.equal(got[i], want[i]), f"step {i}"
+    rep = tm.compile_report()
+    assert set(rep["eager_blocks"]) == set(names) and rep["compiled_blocks"] == 0, rep
+    assert rep["glue_programs"] >= 2 and rep["eager_glue_programs"] == rep["glue_programs"], rep
