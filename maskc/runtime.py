@@ -41,10 +41,11 @@ COMPILE_UNITS = ("block", "step")
 
 
 def _meta(args: tuple, kwargs: dict) -> tuple:
-    """What a compiled program is specialized to: each argument's shape, strides, dtype and device, or its value."""
-    def one(a: Any) -> Any:
-        return (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a)
-    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+    """What a compiled program is specialized to: the arguments' structure (tuples of tensors included) and
+    each tensor's shape, strides, dtype and device, or each other leaf's value; never a tensor's values."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (str(spec),) + tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                               else (type(a).__name__, repr(a)) for a in leaves)
 
 
 def _own_code(fn: Callable, label: str) -> Callable:

@@ -159,3 +159,25 @@ def test_a_backend_failure_runs_each_piece_eager_with_its_own_code() -> None:
     rep = tm.compile_report()
     assert set(rep["eager_blocks"]) == set(names) and rep["compiled_blocks"] == 0, rep
     assert rep["glue_programs"] >= 2 and rep["eager_glue_programs"] == rep["glue_programs"], rep
+
+
+def test_blocks_given_tuples_of_tensors_are_compiled_once() -> None:
+    """Coarse blocks (a U-Net's up blocks, as DeepCache caches) take a tuple of skip tensors: a program is
+    keyed by the tensors' shapes inside it, not by their values, so each block compiles once for all steps."""
+    from archs import small_unet
+
+    m = small_unet(seed=0)
+    names = maskc.blocks(m, names=["down_blocks.0", "up_blocks.0", "up_blocks.1"])
+    g = torch.Generator().manual_seed(0)
+    bits = torch.rand(5, len(names), generator=g) < 0.5
+    bits[0] = True
+    seen, backend = _recording()
+    tm = maskc.compile(m, maskc.Mask(bits, names), backend=backend)
+    ref = HookReference(m, bits, names)
+    xs = [(torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(i)), torch.tensor(900.0 - 200 * i)) for i in range(5)]
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            assert torch.equal(tm(*x).sample, ref(*x).sample), f"step {i}"
+    assert len({id(tm.step_graph(i)) for i in range(5)}) >= 3
+    rep = tm.compile_report()
+    assert rep["block_programs"] == len(names), rep
