@@ -67,6 +67,18 @@ def _call_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return block(*args, **kwargs)
 
 
+def _module_signature(m: torch.nn.Module) -> tuple:
+    """What a program's guards may read of a module besides tensor shapes: its type, the names, shapes and
+    dtypes of its parameters and buffers, and its plain attributes (``eps``, ``bias=None``, ``training``).
+    Glue runs of the same code share a program only when these agree, so it never needs a second entry."""
+    plain = (bool, int, float, str, type(None))
+    return tuple(
+        (name, type(sub).__name__,
+         tuple((n, tuple(t.shape), t.dtype) for n, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]),
+         tuple(sorted((k, v) for k, v in vars(sub).items() if isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v)))))
+        for name, sub in m.named_modules())
+
+
 class _GlueModules(torch.nn.Module):
     """The modules ``m0, m1, ...`` of a canonical glue run: ``self`` of its shared program (one class
     for every run, so the program's guards see one type whatever layer's modules it gets)."""
@@ -79,7 +91,9 @@ class _GlueModules(torch.nn.Module):
 
 _EAGER = object()  # a program dynamo or the backend could not compile: each piece runs its own eager code
 # a graph break, or the backend failing on the piece's graph: that piece runs eager, the rest stays compiled
-_CANNOT = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torch._dynamo.exc.BackendCompilerFailed)
+# (and, should a program's guards ever fail 8 times, dynamo's recompile limit: that piece too)
+_CANNOT = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torch._dynamo.exc.BackendCompilerFailed,
+           torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
 class _Compiled(torch.nn.Module):
@@ -175,7 +189,7 @@ class _BlockCompiler:
             glue, runs = fuse_glue(glue, self.glue_min_ops, positions)
             for target, run in runs.items():
                 mods = _GlueModules(run)
-                key = ("glue", run.code, tuple(type(m) for m in mods.children()))
+                key = ("glue", run.code, tuple(_module_signature(m) for m in mods.children()))
                 setattr(glue, target, _Compiled(self, "a glue run between blocks", key, type(run).forward, mods, run))
         return glue
 

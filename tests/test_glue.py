@@ -181,3 +181,30 @@ def test_blocks_given_tuples_of_tensors_are_compiled_once() -> None:
     assert len({id(tm.step_graph(i)) for i in range(5)}) >= 3
     rep = tm.compile_report()
     assert rep["block_programs"] == len(names), rep
+
+
+def test_glue_runs_differing_in_a_module_attribute_get_programs_of_their_own() -> None:
+    """Layer 2's norm with another eps: the same glue code with other module attributes is another program
+    (a shared one would be recompiled by dynamo whenever the layer changes), and every step stays exact."""
+    m, names = _dit()
+    norms = [mod for n, mod in m.blocks[2].named_modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert norms, "the DiT layer has no LayerNorm to change"
+    for mod in norms:
+        mod.eps = 1e-2
+    bits = torch.ones(3, len(names), dtype=torch.bool)
+    bits[1, ::2] = False
+    ref = HookReference(m, bits, names)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    calls = [(x * (1 - 0.1 * i), torch.full((2,), 900.0 - 300 * i), y) for i in range(3)]
+    torch._dynamo.reset()
+    counters.clear()
+    seen, backend = _recording()
+    tm = maskc.compile(m, maskc.Mask(bits, names), backend=backend)
+    with torch.no_grad():
+        want = [ref(*c) for c in calls]
+        for gen in range(2):
+            tm.reset()
+            for i, c in enumerate(calls):
+                assert torch.equal(tm(*c), want[i]), f"generation {gen} step {i}"
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert len(seen) == tm.compile_report()["block_programs"] + tm.compile_report()["glue_programs"]
