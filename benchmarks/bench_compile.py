@@ -61,6 +61,23 @@ def run_cold(script: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cold_record(fn, generation) -> dict:
+    """What a cold-compile child prints: the first ``generation()`` (which compiles whatever it runs) against the
+    median of the next two, dynamo's graph and graph-break counts, and maskc's block and glue programs."""
+    from torch._dynamo.utils import counters
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        generation()
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times[1:])
+    rep = fn.compile_report() if hasattr(fn, "compile_report") else {}
+    return {"first_s": times[0], "steady_s": steady, "compile_s": times[0] - steady,
+            "unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "block_programs": rep.get("block_programs"), "glue_programs": rep.get("glue_programs")}
+
+
 def generation(fn, x0: torch.Tensor, sched: DDIMScheduler, reset=None) -> float:
     if reset:
         reset()

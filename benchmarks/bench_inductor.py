@@ -28,13 +28,11 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-from bench_compile import machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
+from bench_compile import cold_record, machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
 
 BATCH = {"unet": 8, "dit": 8, "ddpm-cifar10": 1, "unet-random12": 8}
 ABOUT = {
@@ -105,24 +103,12 @@ def generation(fn, reset, sched, x0, kwargs) -> torch.Tensor:
 
 def child(name: str, config: str, batch: int, threads: int) -> None:
     """One cold compile, printed as a JSON line."""
-    from torch._dynamo.utils import counters
-
     torch.set_num_threads(threads)
     model, mask, sched, x0, kwargs = setup(name, batch)
     fn, reset = make(config, model, mask)
-    t0 = time.perf_counter()
-    generation(fn, reset, sched, x0, kwargs)
-    first = time.perf_counter() - t0
-    rest = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        generation(fn, reset, sched, x0, kwargs)
-        rest.append(time.perf_counter() - t0)
-    variants = len({id(fn.step_graph(i)) for i in range(len(fn))}) if hasattr(fn, "step_graph") else 1
-    rep = fn.compile_report() if hasattr(fn, "compile_report") else {}
-    print(json.dumps({"block_programs": rep.get("block_programs"), "glue_programs": rep.get("glue_programs"), "first_s": first, "steady_s": statistics.median(rest), "compile_s": first - statistics.median(rest),
-                      "unique_graphs": counters["stats"]["unique_graphs"], "variants": variants,
-                      "graph_breaks": sum(counters["graph_break"].values())}))
+    rec = cold_record(fn, lambda: generation(fn, reset, sched, x0, kwargs))
+    rec["variants"] = len({id(fn.step_graph(i)) for i in range(len(fn))}) if hasattr(fn, "step_graph") else 1
+    print(json.dumps(rec))
 
 
 def cold(name: str, config: str, batch: int, threads: int) -> dict:

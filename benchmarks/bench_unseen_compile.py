@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench_compile import machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
+from bench_compile import cold_record, machine, run_cold  # benchmarks/ is the script's folder, first on sys.path
 
 STEPS, BATCH = 12, 8
 CFG = dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -82,11 +82,9 @@ def setup(path: str):
     return model, maskc.Mask(bits, names), sched, x0
 
 
-def trajectory(fn, sched, x0, reset=None) -> list[torch.Tensor]:
-    """The model outputs at each step along the trajectory the *reference* drives (same inputs for all)."""
+def trajectory(fn, sched, x0) -> list[torch.Tensor]:
+    """``fn``'s output at each step of the DDIM trajectory that ``fn`` itself drives from ``x0``."""
     outs = []
-    if reset is not None:
-        reset()
     x = x0
     with torch.no_grad():
         for t in sched.timesteps:
@@ -97,25 +95,19 @@ def trajectory(fn, sched, x0, reset=None) -> list[torch.Tensor]:
 
 
 def child(path: str, config: str, threads: int) -> None:
-    from torch._dynamo.utils import counters
-
+    """One cold compile, printed as a JSON line."""
     import maskc
+    from maskc.sampling import generate
 
     torch.set_num_threads(threads)
     model, mask, sched, x0 = setup(path)
-    fn = torch.compile(model, dynamic=False) if config == "original inductor" else maskc.compile(model, mask, backend="inductor")
-    reset = getattr(fn, "reset", None) if config != "original inductor" else None
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        trajectory(fn, sched, x0, reset)
-        times.append(time.perf_counter() - t0)
-    rep = fn.compile_report() if config != "original inductor" else {}
-    print(json.dumps({"first_s": times[0], "steady_s": statistics.median(times[1:]),
-                      "compile_s": times[0] - statistics.median(times[1:]),
-                      "unique_graphs": counters["stats"]["unique_graphs"],
-                      "graph_breaks": sum(counters["graph_break"].values()),
-                      "block_programs": rep.get("block_programs"), "glue_programs": rep.get("glue_programs")}))
+    if config == "original inductor":
+        fn, reset = torch.compile(model, dynamic=False), None
+    else:
+        fn = maskc.compile(model, mask, backend="inductor")
+        reset = fn.reset
+    with torch.no_grad():
+        print(json.dumps(cold_record(fn, lambda: generate(fn, sched, x0, STEPS, reset=reset))))
 
 
 def agreement(path: str, threads: int) -> dict:

@@ -102,7 +102,8 @@ class _Compiled(torch.nn.Module):
     The program is picked at the first call by ``key`` and the inputs' shapes, strides and
     dtypes (fixed for the life of a trace): the same block in every step variant, and glue
     runs of the same code in any layer, share it. Where dynamo cannot take the piece whole
-    (a graph break), it runs eager from then on, with one warning per program.
+    (a graph break) or the backend fails on it, it runs eager from then on, with one warning
+    per program.
     """
 
     def __init__(self, owner: "_BlockCompiler", what: str, key: Any, fn: Callable, first: Any, eager: Callable) -> None:
@@ -110,16 +111,18 @@ class _Compiled(torch.nn.Module):
         self.owner, self.what, self.key, self.fn, self.eager = owner, what, key, fn, eager
         self.first = first  # the program's first argument: the block, or the run's modules
         self.program: Callable | None = None
+        self.program_key: Any = None  # (key, input metadata), set with the program at the first call
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         program = self.program
         if program is None:
-            program = self.program = self.owner.program(self.what, (self.key, _meta(args, kwargs)), self.fn)
+            self.program_key = (self.key, _meta(args, kwargs))
+            program = self.program = self.owner.program(self.what, self.program_key, self.fn)
         if program is not _EAGER:
             try:
                 return program(self.first, *args, **kwargs)
             except _CANNOT as e:
-                self.program = self.owner.failed(self.what, (self.key, _meta(args, kwargs)), e)
+                self.program = self.owner.failed(self.what, self.program_key, e)
         return self.eager(*args, **kwargs)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import operator
 from typing import Any, Mapping
 
-import torch
 import torch.fx as fx
 
 __all__ = ["fuse_glue", "glue_positions", "GLUE_PREFIX"]
@@ -83,7 +82,7 @@ def _canonical(gm: fx.GraphModule, run: list[fx.Node], inputs: list[fx.Node], ou
         env[n] = g.create_node(n.op, target, fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__),
                                name=f"v{j}", type_expr=n.type)
     g.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(torch.nn.Module() if not root else root, g, class_name="MaskcGlueRun")
+    return fx.GraphModule(root, g, class_name="MaskcGlueRun")
 
 
 def fuse_glue(gm: fx.GraphModule, min_ops: int = 3, positions: Mapping[str, int] | None = None,

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
@@ -21,9 +21,8 @@ from maskc.models.dit import DiT
 from maskc.passes.segments import GLUE_PREFIX, glue_positions
 from reference import HookReference
 from test_backend import _recording
+from test_backend_fn import _FEW
 from test_equivalence import leaves_equal, reference_outputs, trajectory
-
-_FEW = settings(max_examples=max(3, settings.default.max_examples // 5))
 
 
 def _work(n: torch.fx.Node) -> bool:
