@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+    ap.add_argument("--config", default="{}",
+                    help="JSON object of config overrides over the arch's default, e.g. '{\"num_layers\": 8}' "
+                         "(a topology we do not ship)")
     ap.add_argument("--mask-only", action="store_true", help="train nothing: learn mask_ddim20.json for the model in --out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -100,14 +103,16 @@ def main() -> None:
     images = load_images("train")
     labels = load_labels("train")
     dit, sd = a.arch == "dit", a.arch == "sd"
+    overrides = json.loads(a.config)
+    cfg = {**(FMNIST_DIT if dit else FMNIST_SD if sd else ddpm_cifar10(width=a.width, in_channels=1)), **overrides}
     if dit:
-        model = DiTTransformer2DModel(**FMNIST_DIT)
+        model = DiTTransformer2DModel(**cfg)
     elif sd:
-        model = UNet2DConditionModel(**FMNIST_SD)
-        captions = make_captions()
+        model = UNet2DConditionModel(**cfg)
+        captions = make_captions({**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"]})
         null = FMNIST_SD_CAPTIONS["null"]
     else:
-        model = UNet2DModel(**ddpm_cifar10(width=a.width, in_channels=1))
+        model = UNet2DModel(**cfg)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -153,16 +158,18 @@ def main() -> None:
         save_file({"captions": captions.contiguous()}, os.path.join(a.out, CAPTIONS_FILE))
     params = sum(p.numel() for p in model.parameters())
     if dit:
-        arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {FMNIST_DIT['num_layers']} layers, "
-                f"width {FMNIST_DIT['num_attention_heads'] * FMNIST_DIT['attention_head_dim']}, patch {FMNIST_DIT['patch_size']}")
+        arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {cfg['num_layers']} layers, "
+                f"width {cfg['num_attention_heads'] * cfg['attention_head_dim']}, patch {cfg['patch_size']}")
     elif sd:
-        c = FMNIST_SD_CAPTIONS
-        arch = (f"UNet2DConditionModel (Stable-Diffusion-like: {', '.join(FMNIST_SD['down_block_types'])}; "
-                f"channels {tuple(FMNIST_SD['block_out_channels'])}, {FMNIST_SD['attention_head_dim']} heads), "
+        c = {**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"]}
+        arch = (f"UNet2DConditionModel (Stable-Diffusion-like: {', '.join(cfg['down_block_types'])}; "
+                f"channels {tuple(cfg['block_out_channels'])}, {cfg['attention_head_dim']} heads), "
                 f"cross-attention on caption embeddings [{c['tokens']}, {c['dim']}] from {CAPTIONS_FILE} "
                 f"({c['rows']} rows: 10 class captions + the null caption, row {c['null']})")
     else:
         arch = "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width
+    if overrides:
+        arch += f" with overrides {json.dumps(overrides)}"
     dropped = {"dit": ", class label dropped to the null label with p=0.1",
                "sd": ", caption dropped to the null caption with p=0.1"}.get(a.arch, "")
     info = {
@@ -179,7 +186,8 @@ def main() -> None:
         "threads": a.threads,
         "final_loss_last100": float(np.mean(losses[-100:])) if losses else math.nan,
         "dtype": "float16" if a.fp16 else "float32",
-        **({"captions": {**FMNIST_SD_CAPTIONS, "file": CAPTIONS_FILE, "key": "captions",
+        "config_overrides": overrides,
+        **({"captions": {**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"], "file": CAPTIONS_FILE, "key": "captions",
                          "made_by": "torch.randn((rows, tokens, dim), generator=torch.Generator().manual_seed(seed))"}}
            if sd else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -190,12 +198,13 @@ def main() -> None:
     title = {"dit": "class-conditional DiT", "sd": "caption-conditioned SD-like U-Net"}.get(a.arch, "DDPM U-Net")
     conditioning = (
         f"- Conditioning: `encoder_hidden_states` = rows of the caption table `{CAPTIONS_FILE}` (key \"captions\", "
-        f"float32 [{FMNIST_SD_CAPTIONS['rows']}, {FMNIST_SD_CAPTIONS['tokens']}, {FMNIST_SD_CAPTIONS['dim']}]): row c "
+        f"float32 [{FMNIST_SD_CAPTIONS['rows']}, {FMNIST_SD_CAPTIONS['tokens']}, {cfg.get('cross_attention_dim')}]): row c "
         f"is the caption of class c (0..9, `maskc.data.CLASSES`), row {FMNIST_SD_CAPTIONS['null']} the null caption. "
         f"The table is a fixed standard-normal tensor from `torch.Generator().manual_seed({FMNIST_SD_CAPTIONS['seed']})`, "
         f"a stand-in for a frozen text encoder; `maskc.models.shipped.captions(\"fmnist-sd\", labels)` reads it. "
         f"Sample with classifier-free guidance (null caption as the unconditional input; guidance 2.0 is the "
         f"shipped mask's).\n" if sd else "")
+    config_flag = f" --config '{a.config}'" if overrides else ""
     with open(os.path.join(a.out, "MODEL_CARD.md"), "w") as f:
         f.write(
             f"# Fashion-MNIST {title} (maskc)\n\n"
@@ -205,7 +214,8 @@ def main() -> None:
             f"{a.threads} CPU threads; seed {a.seed}.\n- Final training loss (mean of the last 100 steps): "
             f"{info['final_loss_last100']:.4f}.\n- Stored as {info['dtype']} safetensors.\n{conditioning}\n"
             f"Made by `python examples/train_fmnist.py --arch {a.arch} --out {a.out}{'' if dit or sd else f' --width {a.width}'} --minutes {a.minutes:g}"
-            f" --batch {a.batch} --lr {a.lr:g} --threads {a.threads}"
+            f" --batch {a.batch} --lr {a.lr:g} --threads {a.threads} --seed {a.seed}"
+            f"{config_flag}"
             f"{' --fp16' if a.fp16 else ''}` on {info['date']}.\n"
         )
     print(f"saved to {a.out}: {step} steps, loss {info['final_loss_last100']:.4f}")
