@@ -128,9 +128,15 @@ def main() -> None:
             secs = time.perf_counter() - t0
             f = macs(m)
             learned[label] = (m, f)
+            kept = m.bits.float().mean(1)
+            os.makedirs(os.path.join(a.out, "masks"), exist_ok=True)
+            mask_file = os.path.join("masks", f"{a.name or 'learn'}_{'learned' if not extra else 'ablation'}"
+                                     f"{'_' + '-'.join(map(str, extra.values())) if extra else ''}_{target}.json")
+            m.save(os.path.join(a.out, mask_file))
             rows.append({"target": target, "method": label, "macs_fraction": f, "learn_seconds": secs,
-                         **quality(m), "calibration": m.meta["provenance"].get("search")})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "calibration"}), flush=True)
+                         **quality(m), "calibration": m.meta["provenance"].get("search"), "mask_file": mask_file,
+                         "kept_per_step": kept.tolist(), "partial_steps": int(((kept > 0) & (kept < 1)).sum())})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("calibration", "kept_per_step")}), flush=True)
         m, f_learned = learned["learned"]
         p_learned = next(r["psnr"] for r in rows if r["target"] == target and r["method"] == "learned")
         peers = peer_library(m.names, a.steps, delta=m.meta["provenance"]["delta"])

@@ -76,7 +76,9 @@ def judge(rows: list[dict]) -> dict:
         peers["FORA"] = {**peers["step-level reuse uniform"], "method": "FORA"}
     judged = {f: peers[f]["margin_db"] for f in JUDGED if f in peers}
     return {"macs_fraction": learned["macs_fraction"], "psnr": learned["psnr"], "ssim": learned["ssim"],
-            "learn_seconds": learned["learn_seconds"], "in_budget": LOW <= learned["macs_fraction"] <= HIGH,
+            "learn_seconds": learned["learn_seconds"], "partial_steps": learned.get("partial_steps"),
+            "steps": len(learned.get("kept_per_step") or []),
+            "mask_file": learned.get("mask_file"), "in_budget": LOW <= learned["macs_fraction"] <= HIGH,
             "margins": {f: r["margin_db"] for f, r in peers.items()},
             "peers": {f: {"settings": r["settings"], "macs_fraction": r["macs_fraction"], "psnr": r["psnr"]}
                       for f, r in peers.items()},
@@ -140,21 +142,24 @@ def main() -> None:
     fams = sorted({f for r in results.values() for f in r["margins"]}, key=lambda f: (f not in JUDGED, f))
     lines = ["# maskc.learn(target=0.6) on trained models the project never shipped", "",
              f"Command: `{res['command']}`  ",
-             f"Machine: {res['machine']}; date {res['date']}; {res['wall_minutes']:.0f} min in all. Training seed "
-             f"{a.seed}, {a.minutes:g} min each (all at once, one thread each); learning seed 0, DDIM 20 steps, "
-             "held-out noise seed 1234, 16 samples (bench_learn.py; guidance 2.0 for the conditional models).  ",
+             f"Machine: {res['machine']}; date {res['date']}; {res['wall_minutes']:.0f} min in all. Training seed(s) "
+             f"{sorted({t['seed'] for t in training.values()})}, "
+             f"{max(t['minutes'] for t in training.values()):.0f} min each (all at once, one thread each); learning seed 0, DDIM 20 steps, "
+             "held-out noise seed 1234, 16 samples (bench_learn.py; guidance 2.0 for the conditional models)."
+             + (" The models were trained by an earlier run of this script into the same --work folder; the wall time "
+                "is learning and scoring only." if a.skip_training else "") + "  ",
              "Judged (the issue): MACs within [0.57, 0.61], and PSNR margin >= 0 over the best member of no more MACs "
              "of each of DeepCache uniform, FORA, step-level reuse uniform and non-uniform. Margin = learned PSNR "
              "minus that peer's, in dB; the other families are reported, not judged. FORA (every block recomputed every N "
              "steps) has the same bits as step-level reuse uniform, so the peer library keeps one of them and both "
              "columns show it. DeepCache applies to U-Nets only.", "",
-             "| model | trained | MACs | in budget | PSNR dB | learn s | " + " | ".join(fams) + " | beats judged |",
-             "|---|---|---:|---|---:|---:|" + "---:|" * len(fams) + "---|"]
+             "| model | trained | MACs | in budget | steps with some blocks skipped, not all | PSNR dB | learn s | " + " | ".join(fams) + " | beats judged |",
+             "|---|---|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|"]
     for m, r in results.items():
         t = r["training"]
         lines.append(f"| {m}: {SHORT[m]}, {t['parameters'] / 1e6:.2f}M | {t['steps']} steps, loss "
                      f"{t['final_loss_last100']:.4f} | {r['macs_fraction']:.3f} | {'yes' if r['in_budget'] else '**no**'} "
-                     f"| {r['psnr']:.2f} | {r['learn_seconds']:.0f} | "
+                     f"| {r['partial_steps']} of {r['steps']} | {r['psnr']:.2f} | {r['learn_seconds']:.0f} | "
                      + " | ".join(f"{r['margins'][f]:+.2f}" if f in r["margins"] else "-" for f in fams)
                      + f" | {'yes' if r['beats_judged'] else '**no**'} |")
     lines += ["", "Per-model tables (each family's best member, its settings and MACs): "
