@@ -115,6 +115,7 @@ def main() -> None:
         img = generate(tm, sched, noise, a.steps, call_kw, guidance, reset=tm.reset)
         return fidelity(img, reference)
 
+    name = a.name or f"learn_{os.path.basename(folder.rstrip('/'))}_{a.sampler}{a.steps}"
     rows = []
     for target in a.targets:
         kinds = [("learned", {})] + ([("ablation: per-step scores only (the paper's mode, no search)", {"refine": "none"}),
@@ -130,7 +131,7 @@ def main() -> None:
             learned[label] = (m, f)
             kept = m.bits.float().mean(1)
             os.makedirs(os.path.join(a.out, "masks"), exist_ok=True)
-            mask_file = os.path.join("masks", f"{a.name or 'learn'}_{'learned' if not extra else 'ablation'}"
+            mask_file = os.path.join("masks", f"{name}_{'learned' if not extra else 'ablation'}"
                                      f"{'_' + '-'.join(map(str, extra.values())) if extra else ''}_{target}.json")
             m.save(os.path.join(a.out, mask_file))
             rows.append({"target": target, "method": label, "macs_fraction": f, "learn_seconds": secs,
@@ -154,7 +155,6 @@ def main() -> None:
         for fam, r in sorted(best.items(), key=lambda kv: -kv[1]["psnr"]):
             rows.append({**r, "margin_db": p_learned - r["psnr"]})
             print(json.dumps(rows[-1]), flush=True)
-    name = a.name or f"learn_{os.path.basename(folder.rstrip('/'))}_{a.sampler}{a.steps}"
     res = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

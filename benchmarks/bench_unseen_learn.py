@@ -48,6 +48,13 @@ JUDGED = ("DeepCache uniform", "FORA", "step-level reuse uniform", "step-level r
 TARGET, LOW, HIGH = 0.6, 0.57, 0.61
 
 
+def training_info(out: str) -> dict:
+    """What the summary reports of a trained model: from the ``training.json`` train_fmnist.py wrote in ``out``."""
+    with open(os.path.join(out, "training.json")) as f:
+        t = json.load(f)
+    return {k: t[k] for k in ("model", "parameters", "steps", "minutes", "final_loss_last100", "seed")}
+
+
 def train_all(models: list[str], work: str, minutes: float, seed: int) -> dict[str, dict]:
     """Train every model at once (one thread each); returns each folder's training.json."""
     procs = {}
@@ -62,9 +69,7 @@ def train_all(models: list[str], work: str, minutes: float, seed: int) -> dict[s
         if p.wait() != 0:
             raise SystemExit(f"training {m} failed: see {log.name}")
         log.close()
-        with open(os.path.join(out, "training.json")) as f:
-            t = json.load(f)
-        info[m] = {k: t[k] for k in ("model", "parameters", "steps", "minutes", "final_loss_last100", "seed")}
+        info[m] = training_info(out)
         print(f"trained {m}: {info[m]}", flush=True)
     return info
 
@@ -107,11 +112,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
     if a.skip_training or a.report_only:
-        training = {}
-        for m in a.models:
-            with open(os.path.join(work, f"unseen-{m}", "training.json")) as f:
-                t = json.load(f)
-            training[m] = {k: t[k] for k in ("model", "parameters", "steps", "minutes", "final_loss_last100", "seed")}
+        training = {m: training_info(os.path.join(work, f"unseen-{m}")) for m in a.models}
     else:
         training = train_all(a.models, work, a.minutes, a.seed)
     results = {}
@@ -133,11 +134,11 @@ def main() -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "wall_minutes": (time.perf_counter() - t0) / 60, "target": TARGET, "budget_window": [LOW, HIGH],
            "judged_families": list(JUDGED), "models": results}
-    prev = os.path.join(a.out, f"learn_unseen{a.tag}.json")
-    if a.report_only and os.path.exists(prev):  # keep the run's own command, date and wall time
-        with open(prev) as f:
+    summary = os.path.join(a.out, f"learn_unseen{a.tag}.json")
+    if a.report_only and os.path.exists(summary):  # keep the run's own command, date and wall time
+        with open(summary) as f:
             res.update({k: v for k, v in json.load(f).items() if k in ("command", "date", "wall_minutes")})
-    with open(os.path.join(a.out, f"learn_unseen{a.tag}.json"), "w") as f:
+    with open(summary, "w") as f:
         json.dump(res, f, indent=1)
     fams = sorted({f for r in results.values() for f in r["margins"]}, key=lambda f: (f not in JUDGED, f))
     lines = ["# maskc.learn(target=0.6) on trained models the project never shipped", "",
