@@ -148,7 +148,7 @@ def main() -> None:
              f"{max(t['minutes'] for t in training.values()):.0f} min each (all at once, one thread each); learning seed 0, DDIM 20 steps, "
              "held-out noise seed 1234, 16 samples (bench_learn.py; guidance 2.0 for the conditional models)."
              + (" The models were trained by an earlier run of this script into the same --work folder; the wall time "
-                "is learning and scoring only." if a.skip_training else "") + "  ",
+                "is learning and scoring only." if "--skip-training" in res["command"] else "") + "  ",
              "Judged (the issue): MACs within [0.57, 0.61], and PSNR margin >= 0 over the best member of no more MACs "
              "of each of DeepCache uniform, FORA, step-level reuse uniform and non-uniform. Margin = learned PSNR "
              "minus that peer's, in dB; the other families are reported, not judged. FORA (every block recomputed every N "
