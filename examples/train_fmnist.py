@@ -105,12 +105,13 @@ def main() -> None:
     dit, sd = a.arch == "dit", a.arch == "sd"
     overrides = json.loads(a.config)
     cfg = {**(FMNIST_DIT if dit else FMNIST_SD if sd else ddpm_cifar10(width=a.width, in_channels=1)), **overrides}
+    spec = {**FMNIST_SD_CAPTIONS, "dim": cfg.get("cross_attention_dim")}  # the caption table, as wide as cross-attention
     if dit:
         model = DiTTransformer2DModel(**cfg)
     elif sd:
         model = UNet2DConditionModel(**cfg)
-        captions = make_captions({**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"]})
-        null = FMNIST_SD_CAPTIONS["null"]
+        captions = make_captions(spec)
+        null = spec["null"]
     else:
         model = UNet2DModel(**cfg)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -161,11 +162,10 @@ def main() -> None:
         arch = (f"DiTTransformer2DModel, class-conditional (10 classes + null label), {cfg['num_layers']} layers, "
                 f"width {cfg['num_attention_heads'] * cfg['attention_head_dim']}, patch {cfg['patch_size']}")
     elif sd:
-        c = {**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"]}
         arch = (f"UNet2DConditionModel (Stable-Diffusion-like: {', '.join(cfg['down_block_types'])}; "
                 f"channels {tuple(cfg['block_out_channels'])}, {cfg['attention_head_dim']} heads), "
-                f"cross-attention on caption embeddings [{c['tokens']}, {c['dim']}] from {CAPTIONS_FILE} "
-                f"({c['rows']} rows: 10 class captions + the null caption, row {c['null']})")
+                f"cross-attention on caption embeddings [{spec['tokens']}, {spec['dim']}] from {CAPTIONS_FILE} "
+                f"({spec['rows']} rows: 10 class captions + the null caption, row {spec['null']})")
     else:
         arch = "UNet2DModel, google/ddpm-cifar10-32 topology at width %d" % a.width
     if overrides:
@@ -187,7 +187,7 @@ def main() -> None:
         "final_loss_last100": float(np.mean(losses[-100:])) if losses else math.nan,
         "dtype": "float16" if a.fp16 else "float32",
         "config_overrides": overrides,
-        **({"captions": {**FMNIST_SD_CAPTIONS, "dim": cfg["cross_attention_dim"], "file": CAPTIONS_FILE, "key": "captions",
+        **({"captions": {**spec, "file": CAPTIONS_FILE, "key": "captions",
                          "made_by": "torch.randn((rows, tokens, dim), generator=torch.Generator().manual_seed(seed))"}}
            if sd else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -198,9 +198,9 @@ def main() -> None:
     title = {"dit": "class-conditional DiT", "sd": "caption-conditioned SD-like U-Net"}.get(a.arch, "DDPM U-Net")
     conditioning = (
         f"- Conditioning: `encoder_hidden_states` = rows of the caption table `{CAPTIONS_FILE}` (key \"captions\", "
-        f"float32 [{FMNIST_SD_CAPTIONS['rows']}, {FMNIST_SD_CAPTIONS['tokens']}, {cfg.get('cross_attention_dim')}]): row c "
-        f"is the caption of class c (0..9, `maskc.data.CLASSES`), row {FMNIST_SD_CAPTIONS['null']} the null caption. "
-        f"The table is a fixed standard-normal tensor from `torch.Generator().manual_seed({FMNIST_SD_CAPTIONS['seed']})`, "
+        f"float32 [{spec['rows']}, {spec['tokens']}, {spec['dim']}]): row c "
+        f"is the caption of class c (0..9, `maskc.data.CLASSES`), row {spec['null']} the null caption. "
+        f"The table is a fixed standard-normal tensor from `torch.Generator().manual_seed({spec['seed']})`, "
         f"a stand-in for a frozen text encoder; `maskc.models.shipped.captions(\"fmnist-sd\", labels)` reads it. "
         f"Sample with classifier-free guidance (null caption as the unconditional input; guidance 2.0 is the "
         f"shipped mask's).\n" if sd else "")
