@@ -96,31 +96,215 @@ _CANNOT = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torch._dy
            torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
+_MISS = object()  # a call the direct path does not take: it goes through dynamo
+_PLAIN = (bool, int, float, str, type(None))
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+             operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+             operator.imatmul, operator.setitem}
+
+
+def _writes(n: torch.fx.Node) -> bool:
+    """Whether a node of a dynamo graph may write a tensor in place (conservative: any in-place-named op)."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return (n.target in _IN_PLACE or (name.endswith("_") and not name.endswith("__"))
+            or "out" in n.kwargs or n.kwargs.get("inplace") is True)
+
+
+class _Program:
+    """A piece's code compiled by ``torch.compile`` (one code object, fullgraph, static shapes), and the
+    graph its backend compiled, recorded to be called without dynamo (see ``_Direct``).
+
+    ``template`` says where each input of that graph comes from, relative to the call that compiled it:
+    ``("arg", i)`` the i-th leaf of the call's (args, kwargs), ``("attr", name)`` a parameter or buffer of
+    its first argument (the block, or the glue run's modules); False when some input is neither.
+    """
+
+    def __init__(self, fn: Callable, label: str, backend: str | Callable) -> None:
+        self.inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self.dynamo = torch.compile(_own_code(fn, label), backend=self._record, fullgraph=True, dynamic=False)
+        self.compiles = 0
+        self.compiled: Callable | None = None
+        self.writes = True  # the graph has an in-place operation (it might write its inputs)
+        self.template: list[tuple[str, Any]] | bool | None = None
+        self._example_ids: list[int] | None = None
+
+    def _record(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        compiled = self.inner(gm, example_inputs)
+        self.compiles += 1
+        self.compiled = compiled
+        self.writes = any(_writes(n) for n in gm.graph.nodes)
+        # ids only: the inputs themselves (activations) are not kept alive
+        self._example_ids = [id(e) if isinstance(e, torch.Tensor) and type(e) in _TENSOR_TYPES else None
+                             for e in example_inputs]
+        return compiled
+
+    def make_template(self, first: Any, leaves: list) -> None:
+        """Where the compiled graph's inputs come from, read off the call that compiled it (``first`` and
+        the flat leaves of its arguments, each tensor given once)."""
+        ids = self._example_ids
+        self._example_ids = None
+        self.template = False
+        if ids is None or None in ids:
+            return
+        tensors = [id(t) for t in leaves if isinstance(t, torch.Tensor)]
+        if len(set(tensors)) != len(tensors):  # an argument given twice: the graph may rely on the alias
+            return
+        at = {id(t): i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
+        attrs: dict[int, str] = {}
+        if isinstance(first, torch.nn.Module):
+            for n, t in [*first.named_parameters(remove_duplicate=False), *first.named_buffers(remove_duplicate=False)]:
+                attrs.setdefault(id(t), n)
+        template = []
+        for i in ids:
+            if i in at:
+                template.append(("arg", at[i]))
+            elif i in attrs:
+                template.append(("attr", attrs[i]))
+            else:  # a global or a plain module attribute: dynamo guards on its identity; keep dynamo
+                return
+        self.template = template
+
+
+class _Direct:
+    """One piece's call of its program's compiled graph without dynamo, taken once shown equal to dynamo's.
+
+    Dynamo checks a program's guards at every call (each parameter's properties, the modules'
+    attributes, the global state); for the small blocks of a DiT that costs about as much as their
+    arithmetic. Within a trace a piece is always given arguments of the same structure and shapes,
+    so the piece calls the backend's graph with the inputs dynamo would pass: its own parameters
+    (resolved once) and its arguments' tensors (picked by position), and rebuilds the result. A call
+    whose argument structure, non-tensor values or global state (grad mode, autocast, default dtype,
+    ...) differ from the first one's goes through dynamo instead.
+    """
+
+    __slots__ = ("compiled", "base", "slots", "in_spec", "consts", "state", "out_base", "out_slots", "out_spec",
+                 "n_args", "kw_keys", "out_kind")
+
+    def __init__(self, compiled: Callable, base: list, slots: list[tuple[int, int]], args: tuple, kwargs: dict,
+                 consts: list[tuple[int, Any]], state: Any, ret: Any) -> None:
+        self.compiled, self.base, self.slots, self.consts, self.state = compiled, base, slots, consts, state
+        self.in_spec = pytree.tree_flatten((args, kwargs))[1]
+        # arguments that are all leaves (the usual case) are flattened without pytree: same leaves, same order
+        flat = all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in (*args, *kwargs.values()))
+        self.n_args, self.kw_keys = (len(args), tuple(kwargs)) if flat else (None, None)
+        out_leaves, self.out_spec = pytree.tree_flatten(ret)
+        self.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
+        self.out_base = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
+        self.out_kind = ("tensor" if type(ret) in _TENSOR_TYPES else
+                         "tuple" if type(ret) is tuple and all(type(v) in _TENSOR_TYPES for v in ret) else "tree")
+
+    def __call__(self, args: tuple, kwargs: dict) -> Any:
+        if self.n_args is not None and len(args) == self.n_args and tuple(kwargs) == self.kw_keys:
+            leaves = [*args, *kwargs.values()]
+            if any(isinstance(v, (tuple, list, dict)) for v in leaves):
+                return _MISS
+        else:
+            leaves, structure = pytree.tree_flatten((args, kwargs))
+            if structure != self.in_spec:
+                return _MISS
+        if not self.state.check():
+            return _MISS
+        for i, v in self.consts:
+            if type(leaves[i]) is not type(v) or leaves[i] != v:
+                return _MISS
+        inputs = list(self.base)
+        for pos, i in self.slots:
+            v = inputs[pos] = leaves[i]
+            if type(v) not in _TENSOR_TYPES:  # a tensor argument left out (None) or given as a subclass
+                return _MISS
+        out = self.compiled(*inputs)
+        if self.out_kind == "tensor":
+            return out[0]
+        if self.out_kind == "tuple":
+            return tuple(out)
+        res = list(self.out_base)
+        for pos, o in zip(self.out_slots, out):
+            res[pos] = o
+        return pytree.tree_unflatten(res, self.out_spec)
+
+
+def _same(a: torch.Tensor, b: Any) -> bool:
+    return (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.stride() == b.stride() and bool(torch.equal(a, b)))
+
+
+def _first_call(program: _Program, first: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """Call ``program`` through dynamo; return its result and the piece's ``_Direct`` (False when the
+    direct call cannot be shown to do the same: the graph has in-place operations, an input is not a
+    plain tensor or number or is not found, the program has more than one graph, or the direct call's
+    result is not bit for bit dynamo's)."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    state = torch._C._dynamo.guards.GlobalStateGuard()
+    ret = program.dynamo(first, *args, **kwargs)
+    if program.template is None and program.compiles == 1:
+        program.make_template(first, leaves)
+    if (program.compiles != 1 or not program.template or torch.compiler.is_compiling()
+            or program.writes  # it might write its inputs: running it again to check would write them twice
+            or any(not (type(v) in _TENSOR_TYPES or isinstance(v, _PLAIN)) for v in leaves)):
+        return ret, False
+    base: list[Any] = []
+    slots = []
+    for pos, (kind, where) in enumerate(program.template):
+        if kind == "arg":
+            base.append(None)
+            slots.append((pos, where))
+        else:
+            base.append(operator.attrgetter(where)(first))
+    consts = [(i, v) for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
+    out_leaves = pytree.tree_leaves(ret)
+    if any(not isinstance(v, (torch.Tensor, *_PLAIN)) for v in out_leaves):
+        return ret, False
+    direct = _Direct(program.compiled, base, slots, args, kwargs, consts, state, ret)
+    inputs = list(base)
+    for pos, i in slots:
+        inputs[pos] = leaves[i]
+    got = list(program.compiled(*inputs))
+    if len(got) != len(direct.out_slots) or not all(_same(g, out_leaves[i]) for g, i in zip(got, direct.out_slots)):
+        return ret, False
+    return ret, direct
+
+
 class _Compiled(torch.nn.Module):
     """A block or a glue run of one trace, run by a compiled program shared through the compiler.
 
     The program is picked at the first call by ``key`` and the inputs' shapes, strides and
     dtypes (fixed for the life of a trace): the same block in every step variant, and glue
-    runs of the same code in any layer, share it. Where dynamo cannot take the piece whole
-    (a graph break) or the backend fails on it, it runs eager from then on, with one warning
-    per program.
+    runs of the same code in any layer, share it. The first call goes through dynamo; later
+    ones call the compiled graph directly when ``_first_call`` could show that equal
+    (``_Direct``). Where dynamo cannot take the piece whole (a graph break) or the backend
+    fails on it, it runs eager from then on, with one warning per program.
     """
 
     def __init__(self, owner: "_BlockCompiler", what: str, key: Any, fn: Callable, first: Any, eager: Callable) -> None:
         super().__init__()
         self.owner, self.what, self.key, self.fn, self.eager = owner, what, key, fn, eager
         self.first = first  # the program's first argument: the block, or the run's modules
-        self.program: Callable | None = None
+        self.program: Any = None
         self.program_key: Any = None  # (key, input metadata), set with the program at the first call
+        self.direct: Any = None  # _Direct, False where dynamo stays, None before the first call
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        direct = self.direct
+        if direct and not torch.compiler.is_compiling():
+            out = direct(args, kwargs)
+            if out is not _MISS:
+                return out
         program = self.program
         if program is None:
             self.program_key = (self.key, _meta(args, kwargs))
             program = self.program = self.owner.program(self.what, self.program_key, self.fn)
         if program is not _EAGER:
             try:
-                return program(self.first, *args, **kwargs)
+                if direct is None and self.owner.direct:
+                    out, self.direct = _first_call(program, self.first, args, kwargs)
+                    self.owner.direct_pieces += bool(self.direct)
+                    return out
+                return program.dynamo(self.first, *args, **kwargs)
             except _CANNOT as e:
                 self.program = self.owner.failed(self.what, self.program_key, e)
         return self.eager(*args, **kwargs)
@@ -136,9 +320,11 @@ class _BlockCompiler:
     runs too small to gain (fewer than ``glue_min_ops`` operations) stay eager.
     """
 
-    def __init__(self, backend: str | Callable, glue_min_ops: int = 3) -> None:
+    def __init__(self, backend: str | Callable, glue_min_ops: int = 3, direct: bool = True) -> None:
         self.backend = backend
         self.glue_min_ops = glue_min_ops
+        self.direct = direct  # pieces call their compiled graphs without dynamo once shown equal (_Direct)
+        self.direct_pieces = 0
         self.programs: dict[Any, Any] = {}  # (kind, key, meta) -> compiled program, or _EAGER
         self.eager_blocks: dict[str, str] = {}  # block -> why it runs eager
         self.eager_glue = 0  # glue programs that run eager
@@ -146,8 +332,7 @@ class _BlockCompiler:
     def program(self, what: str, key: Any, fn: Callable) -> Callable:
         got = self.programs.get(key)
         if got is None:
-            got = self.programs[key] = torch.compile(_own_code(fn, f"maskc {what} {len(self.programs)}"),
-                                                     backend=self.backend, fullgraph=True, dynamic=False)
+            got = self.programs[key] = _Program(fn, f"maskc {what} {len(self.programs)}", self.backend)
         return got
 
     def failed(self, what: str, key: Any, e: Exception) -> Any:
@@ -202,7 +387,7 @@ class _BlockCompiler:
         blocks = {k[0][1] for k in self.programs if k[0][0] == "block"}
         return {"compiled_blocks": len(blocks - set(self.eager_blocks)), "eager_blocks": dict(self.eager_blocks),
                 "block_programs": kinds.count("block"), "glue_programs": kinds.count("glue"),
-                "eager_glue_programs": self.eager_glue}
+                "eager_glue_programs": self.eager_glue, "direct_pieces": self.direct_pieces}
 
 
 def _step_callable(gm: torch.fx.GraphModule, backend: str | Callable, blocks: _BlockCompiler | None,

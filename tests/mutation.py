@@ -41,6 +41,7 @@ RT = "tests/test_runtime.py"
 EX = "tests/test_exactness.py"
 FUZZ = "tests/test_fuzz_runtime.py"
 PIPE = "tests/test_pipelines.py"
+DIRECT = "tests/test_direct.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -204,6 +205,38 @@ MUTANTS: tuple[Mutant, ...] = (
            "sp = next((v for (k, _j), v in self._step_plans.items() if k == key), None)",
            "a Python-number timestep seen at an earlier step reuses that step's graph (another mask row)",
            (EX + "::test_same_number_timestep_at_two_steps",)),
+    Mutant("direct-ignores-numbers", "maskc/runtime.py",
+           "        for i, v in self.consts:\n", "        for i, v in ():\n",
+           "a compiled piece called without dynamo answers a call with another Python number (a scale, a flag) "
+           "with the graph dynamo specialized to the first one's",
+           (DIRECT + "::test_a_changed_number_or_structure_goes_through_dynamo",)),
+    Mutant("direct-ignores-global-state", "maskc/runtime.py",
+           "        if not self.state.check():\n            return _MISS\n", "",
+           "after a no_grad generation, a call with grad on runs the inference graph: no gradient",
+           (DIRECT + "::test_grad_mode_changed_after_the_first_call",)),
+    Mutant("direct-check-runs-writers-twice", "maskc/runtime.py",
+           "            or program.writes  # it might write its inputs: running it again to check would write them twice\n", "",
+           "a block that writes its input in place writes it twice at its first call (the check runs it again)",
+           (DIRECT + "::test_a_block_that_writes_its_input_writes_it_once",)),
+    Mutant("direct-misses-left-out-tensors", "maskc/runtime.py",
+           "            if type(v) not in _TENSOR_TYPES:  # a tensor argument left out (None) or given as a subclass\n"
+           "                return _MISS\n", "",
+           "a call that passes None where the first passed a tensor crashes inside the compiled graph",
+           (DIRECT + "::test_a_changed_number_or_structure_goes_through_dynamo",)),
+    Mutant("direct-never-taken", "maskc/runtime.py",
+           "                if direct is None and self.owner.direct:", "                if direct is None and False:",
+           "every piece goes through dynamo's guards at every call: the compiled steps lose their speed on small blocks",
+           (DIRECT + "::test_steps_with_and_without_direct_calls_are_identical",)),
+    Mutant("direct-unchecked", "maskc/runtime.py",
+           "    if len(got) != len(direct.out_slots) or not all(_same(g, out_leaves[i]) for g, i in zip(got, direct.out_slots)):\n"
+           "        return ret, False\n", "",
+           "a piece whose result is not what its compiled graph returns (an input handed back as is, which dynamo "
+           "returns outside the graph) gets the graph's outputs alone when called without dynamo",
+           (DIRECT + "::test_a_block_that_hands_back_its_input_stays_with_dynamo",)),
+    Mutant("direct-flattens-mixed-outputs", "maskc/runtime.py",
+           '"tuple" if type(ret) is tuple and all(type(v) in _TENSOR_TYPES for v in ret)', '"tuple" if type(ret) is tuple',
+           "a block returning a tuple with None or nested skips gets a flat tuple of tensors back",
+           (DIRECT + "::test_outputs_that_are_not_all_tensors_keep_their_structure",)),
 )
 
 

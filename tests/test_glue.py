@@ -69,6 +69,16 @@ def test_fused_glue_steps_equal_reference(family: str, data) -> None:
                 assert all(re.fullmatch(r"[xvm]\d+", s) for s in names_used), f"not canonical:\n{code}"
 
 
+def two_generations_equal(tm, ref, calls: list[tuple]) -> None:
+    """Two generations of ``tm`` over ``calls`` (one per step) equal the hook reference's steps bit for bit."""
+    with torch.no_grad():
+        want = [ref(*c) for c in calls]
+        for gen in range(2):
+            tm.reset()
+            for i, c in enumerate(calls):
+                assert torch.equal(tm(*c), want[i]), f"generation {gen} step {i}"
+
+
 def _dit(depth: int = 4):
     m = randomize(DiT(input_size=8, hidden_size=32, depth=depth, num_heads=2), 0)
     return m, maskc.blocks(m)
@@ -199,11 +209,6 @@ def test_glue_runs_differing_in_a_module_attribute_get_programs_of_their_own() -
     counters.clear()
     seen, backend = _recording()
     tm = maskc.compile(m, maskc.Mask(bits, names), backend=backend)
-    with torch.no_grad():
-        want = [ref(*c) for c in calls]
-        for gen in range(2):
-            tm.reset()
-            for i, c in enumerate(calls):
-                assert torch.equal(tm(*c), want[i]), f"generation {gen} step {i}"
+    two_generations_equal(tm, ref, calls)
     assert not counters["recompiles"], dict(counters["recompiles"])
     assert len(seen) == tm.compile_report()["block_programs"] + tm.compile_report()["glue_programs"]
