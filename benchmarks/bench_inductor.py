@@ -44,6 +44,9 @@ ABOUT = {
 }
 
 
+DYNAMO_CALLS = "maskc inductor, calls through dynamo"
+
+
 def setup(name: str, batch: int):
     """(model, mask, scheduler, x0, kwargs) for one benchmark model; weights and noise fixed by seeds."""
     from diffusers import DDIMScheduler, UNet2DModel
@@ -91,6 +94,8 @@ def make(config: str, model, mask):
         return tm, tm.reset
     unit = "step" if config.endswith("(step)") else "block"
     tm = maskc.compile(model, mask, backend="inductor", compile_unit=unit)
+    if config == DYNAMO_CALLS:  # the ablation: every piece called through dynamo (its guards) at every call
+        tm._blocks.direct = False
     return tm, tm.reset
 
 
@@ -123,12 +128,12 @@ def macs_fraction(model, mask, sched, x0, kwargs) -> float:
     return generation_macs(model, mask, (x0,), ex_kw, "timestep", ts) / generation_macs(model, None, (x0,), ex_kw, "timestep", ts)
 
 
-def warm(name: str, batch: int, threads: int, reps: int) -> dict:
+def warm(name: str, batch: int, threads: int, reps: int, dynamo_calls: bool = False) -> dict:
     from maskc.eval import interleaved_times, summarize_times
 
     torch.set_num_threads(threads)
     model, mask, sched, x0, kwargs = setup(name, batch)
-    configs = ["original eager", "original inductor", "maskc eager", "maskc inductor"]
+    configs = ["original eager", "original inductor", "maskc eager", "maskc inductor"] + ([DYNAMO_CALLS] if dynamo_calls else [])
     fns = {c: make(c, model, mask) for c in configs}
     outs: dict[str, torch.Tensor] = {}
 
@@ -153,9 +158,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--step-unit", nargs="*", default=["unet"], help="models on which to time compile_unit='step' too")
+    ap.add_argument("--no-cold", action="store_true", help="time generations only (no cold compiles)")
+    ap.add_argument("--dynamo-calls", action="store_true",
+                    help="time a fifth configuration: maskc inductor with every piece called through dynamo (the ablation "
+                         "of the direct calls)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--tag", default="", help="write compile_inductor_<tag>.md/.json instead of compile_inductor.md/.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON of the same --tag")
     a = ap.parse_args()
+    stem = os.path.join(a.out, "compile_inductor" + (f"_{a.tag}" if a.tag else ""))
+    if a.report_only:
+        with open(stem + ".json") as f:
+            res = json.load(f)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(res))
+        return
     res: dict = {"benchmark": "bench_inductor", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python benchmarks/bench_inductor.py " + " ".join(sys.argv[1:]),
                  "machine": machine(a.threads),
@@ -164,24 +181,39 @@ def main() -> None:
         b = BATCH[name]
         configs = ["original inductor", "maskc inductor"] + (["maskc inductor (step)"] if name in a.step_unit else [])
         r: dict = {"batch": b, "cold": {}}
-        for c in configs:
+        for c in [] if a.no_cold else configs:
             r["cold"][c] = cold(name, c, b, a.threads)
             print(f"{name} cold {c}: {r['cold'][c]['compile_s']:.1f} s ({r['cold'][c]['unique_graphs']} graphs)", flush=True)
-        r.update(warm(name, b, a.threads, a.reps))
+        r.update(warm(name, b, a.threads, a.reps, a.dynamo_calls))
         t = r["times"]
         r["speedup_over_original_inductor"] = t["original inductor"]["median"] / t["maskc inductor"]["median"]
         r["speedup_over_original_eager"] = t["original eager"]["median"] / t["maskc inductor"]["median"]
-        r["compile_ratio"] = r["cold"]["maskc inductor"]["compile_s"] / r["cold"]["original inductor"]["compile_s"]
+        if r["cold"]:
+            r["compile_ratio"] = r["cold"]["maskc inductor"]["compile_s"] / r["cold"]["original inductor"]["compile_s"]
         print(f"{name}: " + ", ".join(f"{c} {v['median']:.3f} s" for c, v in t.items())
               + f"; MACs {r['macs_fraction']:.3f}; maskc inductor {r['speedup_over_original_inductor']:.2f}x over original inductor",
               flush=True)
         res["models"][name] = r
     os.makedirs(a.out, exist_ok=True)
-    stem = "compile_inductor" + (f"_{a.tag}" if a.tag else "")
-    with open(os.path.join(a.out, stem + ".json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
-    with open(os.path.join(a.out, stem + ".md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(markdown(res))
+
+
+def _cell(summary: dict, c: str, digits: int = 3) -> str:
+    """'median (q1-q3)' of configuration ``c`` in a dict of summarize_times results."""
+    t = summary[c]
+    return f"{t['median']:.{digits}f} ({t['q1']:.{digits}f}-{t['q3']:.{digits}f})"
+
+
+def paired_speedup(r: dict) -> dict:
+    """Per configuration of maskc inductor: original inductor's time over its time in the same round, summarized."""
+    from maskc.eval import summarize_times
+
+    pr = r["per_round"]
+    return {c: summarize_times([o / m for o, m in zip(pr["original inductor"], pr[c])])
+            for c in ("maskc inductor", DYNAMO_CALLS) if c in pr}
 
 
 def markdown(res: dict) -> str:
@@ -189,8 +221,9 @@ def markdown(res: dict) -> str:
     lines = ["# maskc under torch.compile (inductor), CPU", "",
              f"Made by `{res['command']}` on {res['date']}: {m['cpu']}, {m['cores']} cores, "
              f"`torch.set_num_threads({m['threads']})`, torch {m['torch']}. float32, no guidance, noise seed 1. Models:", "",
-             *[f"- {name}: {ABOUT[name]}" for name in res["models"]], "",
-             "## Cold compile", "",
+             *[f"- {name}: {ABOUT[name]}" for name in res["models"]], ""]
+    if any(r["cold"] for r in res["models"].values()):
+        lines += ["## Cold compile", "",
              "Each configuration in a fresh process with inductor's FX graph and autograd caches off and an empty cache "
              "folder. Compile s = first generation minus the median of the next two: for maskc it compiles every step "
              "variant the generation runs.", "",
@@ -198,26 +231,52 @@ def markdown(res: dict) -> str:
              "| compile s | vs one plain compile |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in res["models"].items():
+        if not r["cold"]:
+            continue
         plain = r["cold"]["original inductor"]["compile_s"]
         for c, v in r["cold"].items():
             progs = f"{v['block_programs']} / {v['glue_programs']}" if v.get("block_programs") else "-"
             lines.append(f"| {name} | {r['batch']} | {c} | {v['variants']} | {v['unique_graphs']} | {progs} | {v['graph_breaks']} | "
                          f"{v['compile_s']:.1f} | {v['compile_s'] / plain:.2f}x |")
-    lines += ["", "## Per-generation wall time, four configurations interleaved", "",
+    lines += ["", "## Per-generation wall time, configurations interleaved", "",
               "| model | params | batch | MACs (maskc) | original eager s | original inductor s | maskc eager s | maskc inductor s "
-              "| maskc inductor over original inductor | / MACs ratio | max abs diff inductor vs eager (maskc) |",
-              "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]
+              "| maskc inductor over original inductor | / MACs ratio | per-round ratio, median (quartiles) "
+              "| max abs diff inductor vs eager (maskc) |",
+              "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
     for name, r in res["models"].items():
         t = r["times"]
 
-        def cell(c):
-            return f"{t[c]['median']:.3f} ({t[c]['q1']:.3f}-{t[c]['q3']:.3f})"
+        def cell(c, t=t):
+            return _cell(t, c)
 
+        pr = f"{_cell(paired_speedup(r), 'maskc inductor', 2)}x"
         lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['macs_fraction']:.3f} | {cell('original eager')} | "
                      f"{cell('original inductor')} | {cell('maskc eager')} | {cell('maskc inductor')} | "
                      f"{r['speedup_over_original_inductor']:.2f}x | {r['speedup_over_original_inductor'] * r['macs_fraction']:.2f} | "
-                     f"{r['max_abs_diff']['maskc inductor vs maskc eager']:.1e} |")
+                     f"{pr} | {r['max_abs_diff']['maskc inductor vs maskc eager']:.1e} |")
+    ablated = {name: r for name, r in res["models"].items() if DYNAMO_CALLS in r["times"]}
+    if ablated:
+        lines += ["", "## Direct calls against calls through dynamo", "",
+                  "maskc inductor as shipped (each compiled piece, after its first call, calls its graph without dynamo) "
+                  f"against '{DYNAMO_CALLS}' (every call checks dynamo's guards), interleaved in the same rounds.", "",
+                  "| model | maskc inductor s | through dynamo s | direct over dynamo | over original inductor: direct "
+                  "| through dynamo | / MACs ratio: direct | through dynamo |",
+                  "| --- | --- | --- | ---: | --- | --- | ---: | ---: |"]
+        for name, r in ablated.items():
+            t, p = r["times"], paired_speedup(r)
+            lines.append(f"| {name} | {_cell(t, 'maskc inductor')} | {_cell(t, DYNAMO_CALLS)} | "
+                         f"{t[DYNAMO_CALLS]['median'] / t['maskc inductor']['median']:.2f}x | "
+                         f"{_cell(p, 'maskc inductor', 2)}x | {_cell(p, DYNAMO_CALLS, 2)}x | "
+                         f"{p['maskc inductor']['median'] * r['macs_fraction']:.2f} | {p[DYNAMO_CALLS]['median'] * r['macs_fraction']:.2f} |")
+    wide = [name for name, r in res["models"].items()
+            if (lambda p: (p["q3"] - p["q1"]) / p["median"] > 0.1)(paired_speedup(r)["maskc inductor"])]
+    if wide:
+        lines += ["", f"**Noisy run:** on {', '.join(wide)} the per-round ratio's quartiles lie more than 10% of its "
+                  "median apart: the shared machine's load changed during the rounds, so read the paired ratio with its "
+                  "quartiles, and the ratio of medians (the column before the MACs ratio) as one draw of it."]
     lines += ["", "Times: median (quartiles) over the rounds in the JSON (`per_round` holds every round). "
+              "Per-round ratio: original inductor's time over maskc inductor's in the same round, median and quartiles "
+              "over rounds (the pairing removes the drift a shared machine adds to both). "
               "'/ MACs ratio': the speed-up over original inductor divided by the MACs speed-up (1 / MACs fraction); "
               "1.00 means the wall time falls exactly as the MACs do."]
     return "\n".join(lines) + "\n"
