@@ -245,13 +245,9 @@ def markdown(res: dict) -> str:
               "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
     for name, r in res["models"].items():
         t = r["times"]
-
-        def cell(c, t=t):
-            return _cell(t, c)
-
         pr = f"{_cell(paired_speedup(r), 'maskc inductor', 2)}x"
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['macs_fraction']:.3f} | {cell('original eager')} | "
-                     f"{cell('original inductor')} | {cell('maskc eager')} | {cell('maskc inductor')} | "
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['macs_fraction']:.3f} | {_cell(t, 'original eager')} | "
+                     f"{_cell(t, 'original inductor')} | {_cell(t, 'maskc eager')} | {_cell(t, 'maskc inductor')} | "
                      f"{r['speedup_over_original_inductor']:.2f}x | {r['speedup_over_original_inductor'] * r['macs_fraction']:.2f} | "
                      f"{pr} | {r['max_abs_diff']['maskc inductor vs maskc eager']:.1e} |")
     ablated = {name: r for name, r in res["models"].items() if DYNAMO_CALLS in r["times"]}
@@ -268,8 +264,8 @@ def markdown(res: dict) -> str:
                          f"{t[DYNAMO_CALLS]['median'] / t['maskc inductor']['median']:.2f}x | "
                          f"{_cell(p, 'maskc inductor', 2)}x | {_cell(p, DYNAMO_CALLS, 2)}x | "
                          f"{p['maskc inductor']['median'] * r['macs_fraction']:.2f} | {p[DYNAMO_CALLS]['median'] * r['macs_fraction']:.2f} |")
-    wide = [name for name, r in res["models"].items()
-            if (lambda p: (p["q3"] - p["q1"]) / p["median"] > 0.1)(paired_speedup(r)["maskc inductor"])]
+    spread = {name: paired_speedup(r)["maskc inductor"] for name, r in res["models"].items()}
+    wide = [name for name, p in spread.items() if (p["q3"] - p["q1"]) / p["median"] > 0.1]
     if wide:
         lines += ["", f"**Noisy run:** on {', '.join(wide)} the per-round ratio's quartiles lie more than 10% of its "
                   "median apart: the shared machine's load changed during the rounds, so read the paired ratio with its "

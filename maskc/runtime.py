@@ -139,8 +139,7 @@ class _Program:
         self.compiled = compiled
         self.writes = any(_writes(n) for n in gm.graph.nodes)
         # ids only: the inputs themselves (activations) are not kept alive
-        self._example_ids = [id(e) if isinstance(e, torch.Tensor) and type(e) in _TENSOR_TYPES else None
-                             for e in example_inputs]
+        self._example_ids = [id(e) if type(e) in _TENSOR_TYPES else None for e in example_inputs]
         return compiled
 
     def make_template(self, first: Any, leaves: list) -> None:
@@ -186,13 +185,12 @@ class _Direct:
                  "n_args", "kw_keys", "out_kind")
 
     def __init__(self, compiled: Callable, base: list, slots: list[tuple[int, int]], args: tuple, kwargs: dict,
-                 consts: list[tuple[int, Any]], state: Any, ret: Any) -> None:
+                 in_spec: Any, consts: list[tuple[int, Any]], state: Any, ret: Any, out_leaves: list, out_spec: Any) -> None:
         self.compiled, self.base, self.slots, self.consts, self.state = compiled, base, slots, consts, state
-        self.in_spec = pytree.tree_flatten((args, kwargs))[1]
+        self.in_spec, self.out_spec = in_spec, out_spec
         # arguments that are all leaves (the usual case) are flattened without pytree: same leaves, same order
         flat = all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in (*args, *kwargs.values()))
         self.n_args, self.kw_keys = (len(args), tuple(kwargs)) if flat else (None, None)
-        out_leaves, self.out_spec = pytree.tree_flatten(ret)
         self.out_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
         self.out_base = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
         self.out_kind = ("tensor" if type(ret) in _TENSOR_TYPES else
@@ -212,12 +210,9 @@ class _Direct:
         for i, v in self.consts:
             if type(leaves[i]) is not type(v) or leaves[i] != v:
                 return _MISS
-        inputs = list(self.base)
-        for pos, i in self.slots:
-            v = inputs[pos] = leaves[i]
-            if type(v) not in _TENSOR_TYPES:  # a tensor argument left out (None) or given as a subclass
-                return _MISS
-        out = self.compiled(*inputs)
+        out = self.run(leaves)
+        if out is _MISS:
+            return out
         if self.out_kind == "tensor":
             return out[0]
         if self.out_kind == "tuple":
@@ -226,6 +221,16 @@ class _Direct:
         for pos, o in zip(self.out_slots, out):
             res[pos] = o
         return pytree.tree_unflatten(res, self.out_spec)
+
+    def run(self, leaves: list) -> Any:
+        """The compiled graph's flat outputs for the flat argument leaves of a call (_MISS if a leaf that
+        must be a tensor is not one)."""
+        inputs = list(self.base)
+        for pos, i in self.slots:
+            v = inputs[pos] = leaves[i]
+            if type(v) not in _TENSOR_TYPES:  # a tensor argument left out (None) or given as a subclass
+                return _MISS
+        return self.compiled(*inputs)
 
 
 def _same(a: torch.Tensor, b: Any) -> bool:
@@ -238,7 +243,7 @@ def _first_call(program: _Program, first: Any, args: tuple, kwargs: dict) -> tup
     direct call cannot be shown to do the same: the graph has in-place operations, an input is not a
     plain tensor or number or is not found, the program has more than one graph, or the direct call's
     result is not bit for bit dynamo's)."""
-    leaves = pytree.tree_leaves((args, kwargs))
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))
     state = torch._C._dynamo.guards.GlobalStateGuard()
     ret = program.dynamo(first, *args, **kwargs)
     if program.template is None and program.compiles == 1:
@@ -256,14 +261,11 @@ def _first_call(program: _Program, first: Any, args: tuple, kwargs: dict) -> tup
         else:
             base.append(operator.attrgetter(where)(first))
     consts = [(i, v) for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
-    out_leaves = pytree.tree_leaves(ret)
+    out_leaves, out_spec = pytree.tree_flatten(ret)
     if any(not isinstance(v, (torch.Tensor, *_PLAIN)) for v in out_leaves):
         return ret, False
-    direct = _Direct(program.compiled, base, slots, args, kwargs, consts, state, ret)
-    inputs = list(base)
-    for pos, i in slots:
-        inputs[pos] = leaves[i]
-    got = list(program.compiled(*inputs))
+    direct = _Direct(program.compiled, base, slots, args, kwargs, in_spec, consts, state, ret, out_leaves, out_spec)
+    got = list(direct.run(leaves))  # every leaf is a plain tensor or number here: never _MISS
     if len(got) != len(direct.out_slots) or not all(_same(g, out_leaves[i]) for g, i in zip(got, direct.out_slots)):
         return ret, False
     return ret, direct
