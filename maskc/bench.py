@@ -17,12 +17,18 @@ with DDIM or DPM-Solver++ (``sampler``) and T steps:
 5. write ``<out>/<name>.json`` and ``.md`` (a table in the paper's shape) and plots:
    the quality-vs-MACs Pareto curves and the learned mask as a T x B heatmap.
 
+Steps 2-4 keep what they finish under ``<out>/partial/<name>/`` (the peer selection, the
+original's samples, each method's row), keyed by everything that decides it: an interrupted
+run resumes where it stopped, and ``shards`` processes (``--shard K/N``) split the methods;
+whichever finds every row done writes the table and removes the folder.
+
 Nothing in the tables is typed by hand: every figure comes from this run.
 """
 from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -93,6 +99,8 @@ class BenchConfig:
     out: str = "benchmarks/results"
     name: str = ""  # file stem; default bench_<model>_<sampler><T> (ddim, dpmpp)
     reuse_masks: bool = True  # load learned masks from <out>/masks/ when their settings match
+    shard: int = 0  # this process samples the methods whose index i (the original first) has i % shards == shard
+    shards: int = 1
     learn_kwargs: dict = field(default_factory=dict)
 
 
@@ -120,6 +128,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     if kind not in ("UNet2DModel", "DiTTransformer2DModel") and not with_captions:
         raise MaskcError(f"maskc bench knows UNet2DModel, DiTTransformer2DModel and UNet2DConditionModel folders with "
                          f"a caption table (the shipped sd); {path} holds a {kind}")
+    if not 0 <= cfg.shard < cfg.shards:
+        raise MaskcError(f"shard must be K/N with 0 <= K < N; got {cfg.shard}/{cfg.shards}: run N processes with "
+                         f"--shard 0/N ... --shard N-1/N")
     if cfg.sampler not in SAMPLERS:
         raise MaskcError(f"sampler must be one of {sorted(SAMPLERS)}; got {cfg.sampler!r}")
     T = cfg.steps
@@ -142,6 +153,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     name = cfg.name or stem  # masks are stored under the stem, so runs with other names reuse them
     os.makedirs(os.path.join(cfg.out, "masks"), exist_ok=True)
     json_path = os.path.join(cfg.out, f"{name}.json")
+
+    part = _Partial(os.path.join(cfg.out, "partial", name),
+                    {"code": version, "model": os.path.abspath(path), "sampler": cfg.sampler, "steps": T, "n": cfg.n,
+                     "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads, "guidance_scale": guidance,
+                     "select_n": cfg.select_n, "targets": list(cfg.targets), "ablations": cfg.ablations,
+                     "peers": cfg.peers, "random": cfg.random, "learn_kwargs": cfg.learn_kwargs})
 
     def kwargs_for(labels: torch.Tensor | None) -> dict:
         if labels is None:
@@ -218,11 +235,20 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             gs = torch.Generator().manual_seed(4321 + cfg.seed)
             sel_noise = torch.randn(cfg.select_n, *shape, generator=gs)
             sel_labels = torch.arange(cfg.select_n) % n_classes if conditional else None
-            log(f"choosing each peer family's best member at {len(levels)} MACs levels on {cfg.select_n} noises ...")
-            chosen, selection = select_best_peers(
-                model, names, s0, sel_noise, kwargs_for(sel_labels), guidance, ex_args,
-                {**ex_kwargs, "timestep": ts[0]}, levels,
-                _delta(model, sched, sel_noise[:8], kwargs_for, sel_labels, guidance, T))
+            sel_id = [(t, _bits_digest(m)) for t, m in levels]
+            stored = part.get("selection", sel_id)
+            if stored is not None:
+                log(f"reusing the peer selection of an earlier run ({part.dir})")
+                chosen = [{**e, "mask": maskc.Mask.from_dict(e["mask"])} for e in stored["chosen"]]
+                selection = stored["selection"]
+            else:
+                log(f"choosing each peer family's best member at {len(levels)} MACs levels on {cfg.select_n} noises ...")
+                chosen, selection = select_best_peers(
+                    model, names, s0, sel_noise, kwargs_for(sel_labels), guidance, ex_args,
+                    {**ex_kwargs, "timestep": ts[0]}, levels,
+                    _delta(model, sched, sel_noise[:8], kwargs_for, sel_labels, guidance, T))
+                part.put("selection", sel_id, {"selection": selection,
+                                               "chosen": [{**e, "mask": e["mask"].to_dict()} for e in chosen]})
             methods.extend(chosen)
         elif is_unet:
             for N in cfg.deepcache:
@@ -271,37 +297,52 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 out.append(generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset))
             return torch.cat(out)
 
-        t0 = time.perf_counter()
-        ref = sample_all(model, None)
-        log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
-        rows: list[dict[str, Any]] = []
-
         def score(images: torch.Tensor) -> dict[str, Any]:
             r = feats(images)
             if conditional:
                 r["class_accuracy"] = feats.accuracy(images, labels)
             return r
 
-        rows.append({"method": "original (full model)", "family": "original", "macs_fraction": 1.0,
-                     "learning_s": None, **score(ref), "psnr": None, "ssim": None})
-        log(str(rows[-1]))
+        ids = [("original (full model)", None)] + [(m["method"], _bits_digest(m["mask"])) for m in methods]
+        todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
+        ref = part.get_tensor("original") if todo else None
+        if todo and ref is None:
+            t0 = time.perf_counter()
+            ref = sample_all(model, None)
+            log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
+            part.put_tensor("original", ref)
+        if todo and todo[0] == 0:
+            part.put("row", ids[0], {"method": "original (full model)", "family": "original", "macs_fraction": 1.0,
+                                     "learning_s": None, **score(ref), "psnr": None, "ssim": None,
+                                     "sampled_by": f"{cfg.shard}/{cfg.shards}"})
+            log(str(part.get("row", ids[0])))
         from tqdm.auto import tqdm
 
-        for m in tqdm(methods, desc=f"sampling {cfg.n} per method", unit="method"):
+        shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
+        for i in tqdm([i for i in todo if i > 0], desc=f"sampling {cfg.n} per method{shard}", unit="method"):
+            m = methods[i - 1]
             tm = maskc.compile(model, m["mask"])
             t0 = time.perf_counter()
             imgs = sample_all(tm, tm.reset)
             f = frac(m["mask"])
-            rows.append({"method": m["method"], "family": m["family"], "macs_fraction": f,
-                         "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
-                         "target": m.get("target"), "mask_file": m.get("file"),
-                         **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
-                         **score(imgs), **fidelity(imgs, ref)})
-            log(f"{rows[-1]} ({time.perf_counter() - t0:.0f} s)")
+            row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
+                   "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
+                   "target": m.get("target"), "mask_file": m.get("file"),
+                   **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
+                   **score(imgs), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
             if m.get("file") is None:
                 m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
-                rows[-1]["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
-
+                row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
+            part.put("row", ids[i], row)
+            log(f"{row} ({time.perf_counter() - t0:.0f} s)")
+        rows = [part.get("row", ident) for ident in ids]
+        missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
+        if missing:
+            return None, {"missing": missing, "done": len(rows) - len(missing)}, None, selection
+        for r, ident in zip(rows, ids):  # how this run found each mask, not how the one that sampled it did
+            m = next((m for m in methods if m["method"] == ident[0]), None)
+            if m is not None and "learned_afresh" in m:
+                r["learned_afresh"], r["learning_s"] = m["learned_afresh"], m["learning_s"]
         main = next((m['mask'] for m in methods if m['family'] == 'maskc' and m['target'] == cfg.main_target), None)
         return rows, floor, main, selection
 
@@ -324,6 +365,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     else:
         rows, floor, main, selection = quality_phase()
         quality_date = None
+        if rows is None:
+            log(f"shard {cfg.shard}/{cfg.shards} done; {floor['done']} of {floor['done'] + len(floor['missing'])} "
+                f"rows are in {part.dir}, still to sample: {', '.join(floor['missing'])}. The run that finishes the "
+                f"last one writes the table (run the other shards, or this command again to resume)")
+            return {"incomplete": True, **floor, "partial": part.dir}
     for r in rows:
         r["speedup_macs"] = 1 / r["macs_fraction"]
     timed = cfg.phase != "quality"
@@ -373,12 +419,82 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     }
     with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
+    if cfg.phase != "time":
+        part.remove()
     plots = _plots(res, main, cfg.out, name)
     with open(os.path.join(cfg.out, f"{name}.md"), "w") as f:
         f.write(_markdown(res, plots))
     log(f"wrote {cfg.out}/{name}.md, .json and {len(plots)} plots"
         + ("" if timed else " (quality only; run again with --phase time for wall time and memory)"))
     return res
+
+
+class _Partial:
+    """Finished pieces of a quality run, one JSON file each under ``folder``/<digest of the run's key>.
+
+    The key holds everything that decides a piece (code version, model, sampler, steps, n,
+    batch, seeds, threads, guidance), and each piece's file name adds the digest of what it
+    depends on (a method's label and mask bits), so a stored piece is reused only where a
+    fresh run would compute the same figures. Writes are atomic (temp file, then rename), so
+    shards that share the folder never read half a file.
+    """
+
+    def __init__(self, folder: str, key: dict[str, Any]) -> None:
+        self.root = folder
+        self.dir = os.path.join(folder, _digest(key))
+
+    def _path(self, kind: str, ident: Any) -> str:
+        return os.path.join(self.dir, f"{kind}-{_digest(ident)}.json")
+
+    def get(self, kind: str, ident: Any) -> Any:
+        try:
+            with open(self._path(kind, ident)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def put(self, kind: str, ident: Any, value: Any) -> None:
+        import tempfile
+
+        os.makedirs(self.dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, self._path(kind, ident))
+
+    def get_tensor(self, kind: str) -> torch.Tensor | None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(self.dir, f"{kind}.safetensors")
+        return load_file(path)["x"] if os.path.exists(path) else None
+
+    def put_tensor(self, kind: str, x: torch.Tensor) -> None:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        os.makedirs(self.dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.dir)
+        os.close(fd)
+        save_file({"x": x.contiguous()}, tmp)
+        os.replace(tmp, os.path.join(self.dir, f"{kind}.safetensors"))
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.root))  # <out>/partial, once no other run keeps rows there
+        except OSError:
+            pass
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bits_digest(mask: Any) -> str:
+    return hashlib.sha256(mask.bits.to(torch.uint8).numpy().tobytes() + str(tuple(mask.bits.shape)).encode()).hexdigest()[:16]
 
 
 def _slug(s: str) -> str:
@@ -461,6 +577,15 @@ def _plots(res: dict, mask: Any, out: str, name: str) -> list[str]:
     return files
 
 
+def _shards_note(rows: list[dict], threads: int) -> str:
+    """How the rows were sampled, when more than one process (``--shard K/N``) drew them."""
+    shards = sorted({r["sampled_by"] for r in rows if r.get("sampled_by")})
+    if all(s.endswith("/1") for s in shards):
+        return ""
+    return (f"Samples drawn by {len(shards)} processes at {threads} threads each (`--shard` "
+            f"{', '.join(shards)}), resumed from their stored rows. ")
+
+
 def _markdown(res: dict, plots: list[str]) -> str:
     rows = res["rows"]
     fl = res["real_vs_real_floor"]
@@ -481,6 +606,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
         "MACs: FlopCounterMode over a generation of the compiled mask. Wall time: a batch-"
         f"{res['time_batch']} generation, {res['time_reps']} rounds interleaved with the original; median "
         "(quartiles in the JSON). Every method runs through the same compiled path. "
+        + _shards_note(rows, m["threads"]) +
         f"Code version {res.get('code_version')} (a hash of passes/, learn.py and runtime.py); learned masks: "
         + (", ".join(f"{r['method']} {'learned afresh' if r.get('learned_afresh') else 'reused (same code)'}"
                      for r in rows if r.get("learned_afresh") is not None) or "none") + ".",

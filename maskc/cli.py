@@ -509,6 +509,17 @@ def viz_cmd(args: argparse.Namespace) -> int:
 
 # -- bench -----------------------------------------------------------------------------------------
 
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` as (K, N), with 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def bench_cmd(args: argparse.Namespace) -> int:
     """Run ``maskc.bench.run_bench`` with the command line's settings."""
     from maskc.bench import BenchConfig, run_bench
@@ -520,7 +531,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
         fora=tuple(args.fora), random=not args.no_random, ablations=args.ablations, guidance_scale=args.guidance_scale,
         time_batch=args.time_batch, time_reps=args.time_reps, memory=not args.no_memory, threads=args.threads,
         time_threads=args.time_threads, phase=args.phase,
-        seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn))
+        seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn,
+        shard=args.shard[0], shards=args.shard[1]))
     return 0
 
 
@@ -679,6 +691,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results", help="folder of the result tables, plots and masks")
     b.add_argument("--name", default="", help="result file name (default: derived from the model and steps)")
     b.add_argument("--relearn", action="store_true", help="learn again even if a matching mask is in <out>/masks")
+    b.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                   help="sample only methods K, K+N, ... (the original is method 0); finished rows are kept under "
+                        "<out>/partial/<name>, so N processes split the quality phase and an interrupted run "
+                        "resumes; whichever finds every row done writes the table (default: 0/1, all methods)")
 
     v = add("viz", viz_cmd, "the graph diff page of one step against the original (self-contained HTML)",
             "Write one HTML page (inline SVG and CSS, nothing loaded from the network) for step --step: the block "

@@ -134,3 +134,41 @@ def _measured_fraction(mask_file, steps: int) -> float:
                 fn(x, t.reshape(1))
         flops.append(fc.get_total_flops())
     return flops[1] / flops[0]
+
+
+@pytest.mark.slow
+def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
+    """Two shards split the quality phase and the one that finishes last writes the same table as one
+    process; a shard's stored rows are not sampled again, and rows of other code are not reused."""
+    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, select_n=2, threads=1,
+              phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
+    sharded = tmp_path / "two"
+    (sharded / "masks").mkdir(parents=True)
+    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):  # the same learned mask, not a second learning
+        (sharded / "masks" / f.name).write_bytes(f.read_bytes())
+    n_rows = len(whole["rows"])
+    logs: list[str] = []
+    first = run_bench(BenchConfig(**kw, out=str(sharded), shard=0, shards=2), log=logs.append)
+    assert first["incomplete"] and first["done"] == (n_rows + 1) // 2
+    assert first["missing"] == [r["method"] for r in whole["rows"][1::2]]
+    assert not (sharded / "bench_unet_ddim3.md").exists()
+    # another code version keeps its rows apart: nothing of shard 0 is reused (it learns its own mask,
+    # so the stored one is put back afterwards)
+    learned = {f: f.read_bytes() for f in (sharded / "masks").glob("*_learned_*")}
+    monkeypatch.setattr(maskc.bench, "code_version", lambda: "edited-code")
+    other = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2), log=lambda s: None)
+    assert other["incomplete"] and other["missing"][0] == "original (full model)"
+    monkeypatch.undo()
+    for f, b in learned.items():
+        f.write_bytes(b)
+    logs.clear()
+    second = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2), log=logs.append)
+    assert any("reusing the peer selection" in s for s in logs)
+    assert not any(s.startswith("original:") for s in logs)  # the original's samples were stored by shard 0
+    assert sum(s.startswith("{'method'") for s in logs) == n_rows // 2  # only its own rows were sampled
+    key = ("method", "macs_fraction", "fd", "kid", "psnr", "ssim", "mask_file")
+    assert [{k: r.get(k) for k in key} for r in second["rows"]] == [{k: r.get(k) for k in key} for r in whole["rows"]]
+    assert [r["sampled_by"] for r in second["rows"]] == ["0/2", "1/2"] * (n_rows // 2) + ["0/2"] * (n_rows % 2)
+    assert "Samples drawn by 2 processes" in (sharded / "bench_unet_ddim3.md").read_text()
+    assert not (sharded / "partial").exists()
