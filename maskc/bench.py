@@ -320,6 +320,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
         for i in tqdm([i for i in todo if i > 0], desc=f"sampling {cfg.n} per method{shard}", unit="method"):
+            if part.get("row", ids[i]) is not None:  # another process with an overlapping --shard finished it
+                continue
             m = methods[i - 1]
             tm = maskc.compile(model, m["mask"])
             t0 = time.perf_counter()
