@@ -312,10 +312,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
             part.put_tensor("original", ref)
         if todo and todo[0] == 0:
-            part.put("row", ids[0], {"method": "original (full model)", "family": "original", "macs_fraction": 1.0,
-                                     "learning_s": None, **score(ref), "psnr": None, "ssim": None,
-                                     "sampled_by": f"{cfg.shard}/{cfg.shards}"})
-            log(str(part.get("row", ids[0])))
+            row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
+                   **score(ref), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+            part.put("row", ids[0], row)
+            log(str(row))
         from tqdm.auto import tqdm
 
         shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
@@ -341,9 +341,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
         if missing:
             return None, {"missing": missing, "done": len(rows) - len(missing)}, None, selection
-        for r, ident in zip(rows, ids):  # how this run found each mask, not how the one that sampled it did
-            m = next((m for m in methods if m["method"] == ident[0]), None)
-            if m is not None and "learned_afresh" in m:
+        for r, m in zip(rows[1:], methods):  # how this run found each mask, not how the one that sampled it did
+            if "learned_afresh" in m:
                 r["learned_afresh"], r["learning_s"] = m["learned_afresh"], m["learning_s"]
         main = next((m['mask'] for m in methods if m['family'] == 'maskc' and m['target'] == cfg.main_target), None)
         return rows, floor, main, selection
@@ -456,13 +455,10 @@ class _Partial:
             return None
 
     def put(self, kind: str, ident: Any, value: Any) -> None:
-        import tempfile
+        from maskc.learn import _atomic_json  # the learner's checkpoint writer
 
         os.makedirs(self.dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, self._path(kind, ident))
+        _atomic_json(self._path(kind, ident), value)
 
     def get_tensor(self, kind: str) -> torch.Tensor | None:
         from safetensors.torch import load_file
