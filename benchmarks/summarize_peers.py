@@ -38,6 +38,10 @@ def summarize(res: dict) -> list[dict]:
             "peer_psnr": best["psnr"], "peer_fd": best["fd"], "margin_db": lr["psnr"] - best["psnr"],
             "best_fd_peer": best_fd["method"], "fd_margin": best_fd["fd"] - lr["fd"],
             "families": len({r["family"] for r in peers}), "date": res.get("quality_date") or res["date"],
+            # 95% paired-bootstrap intervals, in tables made since maskc bench computes them
+            "fd_ratio_ci": lr.get("fd_ratio_ci"),
+            "psnr_margin_ci": lr.get("versus", {}).get(best["method"], {}).get("psnr_margin_ci"),
+            "fd_margin_ci": lr.get("versus", {}).get(best_fd["method"], {}).get("fd_margin_ci"),
         })
     return out
 
@@ -62,15 +66,27 @@ def main() -> None:
              "non-uniform, FORA, step-level reuse uniform and non-uniform, static δ-threshold; chosen on 16 other "
              "noises), the one with the highest PSNR on the table's samples. PSNR margin: learned minus that peer "
              "(the smallest margin over families); FD margin: the lowest-FD peer's FD minus the learned mask's "
-             "(positive: learned better). FD is a sample-set statistic, so at n = 500 differences below about 1 "
-             "are within its noise.", "",
+             "(positive: learned better). In brackets, where the table has them: 95% paired-bootstrap intervals "
+             "(the noises resampled, the same resamples for both methods); tables made before maskc bench computed "
+             "them have none.", "",
              "| model | sampler | n | level | MACs | PSNR dB | FD (x orig.) | best peer | peer MACs | peer PSNR "
              "| PSNR margin | FD margin | table |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    def ci(v: float, c: list[float] | None, fmt: str) -> str:
+        return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
+
     for s in items:
         lines.append(f"| {s['model']} | {s['sampler']} | {s['n']} | {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} "
-                     f"| {s['fd']:.2f} ({s['fd_ratio']:.2f}) | {s['peer']} | {s['peer_macs']:.3f} | {s['peer_psnr']:.2f} "
-                     f"| {s['margin_db']:+.2f} | {s['fd_margin']:+.2f} | [{s['table']}]({s['table']}) |")
+                     f"| {s['fd']:.2f} ({ci(s['fd_ratio'], s['fd_ratio_ci'], '.2f')}) | {s['peer']} | {s['peer_macs']:.3f} "
+                     f"| {s['peer_psnr']:.2f} | {ci(s['margin_db'], s['psnr_margin_ci'], '+.2f')} "
+                     f"| {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} | [{s['table']}]({s['table']}) |")
+    with_ci = [s for s in items if s["fd_margin_ci"]]
+    lines += ["", f"PSNR margin below zero at {sum(s['margin_db'] < 0 for s in items)} of {len(items)} points, below "
+              f"+0.5 dB at {sum(s['margin_db'] < 0.5 for s in items)}; FD margin below zero at "
+              f"{sum(s['fd_margin'] < 0 for s in items)} of {len(items)}"
+              + (f"; of the {len(with_ci)} points with intervals, the FD margin is below zero beyond its interval at "
+                 f"{sum(s['fd_margin_ci'][1] < 0 for s in with_ci)} and the PSNR margin at "
+                 f"{sum(s['psnr_margin_ci'][1] < 0 for s in with_ci if s['psnr_margin_ci'])}" if with_ci else "") + "."]
     with open(os.path.join(a.results, "peers_summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -86,6 +86,7 @@ class BenchConfig:
     delta_threshold: tuple[int, ...] = (10,)  # static TeaCache-like schedules with this many full steps
     peers: str = "best"  # "best": per family, its best member of no more MACs than each learned mask; "fixed": the lists above
     select_n: int = 16  # noises (seed 4321 + seed, neither learning's nor the table's) that choose the best members
+    bootstrap: int = 1000  # paired bootstrap resamples of the noises for the 95% intervals of FD ratios and margins
     random: bool = True
     ablations: bool = False
     guidance_scale: float = 2.0  # class-conditional models only
@@ -109,7 +110,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     import maskc
     from maskc import schedules
     from maskc.eval import (FMNISTFeatures, fidelity, generation_macs, interleaved_times, peak_memory,
-                            summarize_times)
+                            psnr_per_sample, summarize_times)
     from maskc.models.shipped import SHIPPED, load_pretrained
     from maskc.sampling import generate, stack_kwargs
 
@@ -297,8 +298,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 out.append(generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset))
             return torch.cat(out)
 
-        def score(images: torch.Tensor) -> dict[str, Any]:
-            r = feats(images)
+        def score(images: torch.Tensor, ident: Any) -> dict[str, Any]:
+            """FD, KID (and class accuracy); stores the features for the paired intervals (before the row)."""
+            f = feats.features(images)
+            part.put_tensor(f"features-{_digest(ident)}", f)
+            r = feats.score_features(f)
             if conditional:
                 r["class_accuracy"] = feats.accuracy(images, labels)
             return r
@@ -313,7 +317,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             part.put_tensor("original", ref)
         if todo and todo[0] == 0:
             row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
-                   **score(ref), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                   **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
             part.put("row", ids[0], row)
             log(str(row))
         from tqdm.auto import tqdm
@@ -331,7 +335,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                    "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
                    "target": m.get("target"), "mask_file": m.get("file"),
                    **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
-                   **score(imgs), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                   **score(imgs, ids[i]), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+            part.put_tensor(f"psnr-{_digest(ids[i])}", psnr_per_sample(imgs, ref))
             if m.get("file") is None:
                 m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
                 row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
@@ -344,6 +349,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         for r, m in zip(rows[1:], methods):  # how this run found each mask, not how the one that sampled it did
             if "learned_afresh" in m:
                 r["learned_afresh"], r["learning_s"] = m["learned_afresh"], m["learning_s"]
+        stored = [(part.get_tensor(f"features-{_digest(i)}"), part.get_tensor(f"psnr-{_digest(i)}") if k else None)
+                  for k, i in enumerate(ids)]
+        if any(f is None or (k and p is None) for k, (f, p) in enumerate(stored)):
+            log("no paired intervals: some rows were sampled by a maskc that did not store their features")
+        else:
+            log(f"paired bootstrap intervals ({cfg.bootstrap} resamples of the {cfg.n} noises) ...")
+            paired_intervals(rows, [f for f, _ in stored], [p for _, p in stored], feats.reference, cfg.bootstrap,
+                             cfg.seed)
         main = next((m['mask'] for m in methods if m['family'] == 'maskc' and m['target'] == cfg.main_target), None)
         return rows, floor, main, selection
 
@@ -504,7 +517,7 @@ def _slug(s: str) -> str:
 def _command(cfg: BenchConfig) -> str:
     """The command line that reproduces ``cfg`` (every setting that differs from the defaults)."""
     d = BenchConfig()
-    flags = {"steps": "--steps", "sampler": "--sampler", "peers": "--peers", "select_n": "--select-n",
+    flags = {"steps": "--steps", "sampler": "--sampler", "peers": "--peers", "select_n": "--select-n", "bootstrap": "--bootstrap",
              "step_reuse": "--step-reuse", "delta_threshold": "--delta-threshold", "n": "--n", "batch": "--batch", "targets": "--targets", "main_target": "--main-target",
              "deepcache": "--deepcache", "deepcache_nonuniform": "--deepcache-nonuniform", "fora": "--fora",
              "guidance_scale": "--guidance-scale", "time_batch": "--time-batch", "time_reps": "--time-reps",
@@ -580,8 +593,12 @@ def _shards_note(rows: list[dict], threads: int) -> str:
     shards = sorted({r["sampled_by"] for r in rows if r.get("sampled_by")})
     if all(s.endswith("/1") for s in shards):
         return ""
-    return (f"Samples drawn by {len(shards)} processes at {threads} threads each (`--shard` "
+    return (f"Samples drawn by {len(shards)} processes at {_threads(threads)} each (`--shard` "
             f"{', '.join(shards)}), resumed from their stored rows. ")
+
+
+def _threads(k: int) -> str:
+    return f"{k} thread" + ("" if k == 1 else "s")
 
 
 def _markdown(res: dict, plots: list[str]) -> str:
@@ -593,14 +610,17 @@ def _markdown(res: dict, plots: list[str]) -> str:
         f"# maskc bench: {res['model']['class']} on Fashion-MNIST, {res['sampler'].get('name', 'ddim')} "
         f"{res['sampler']['steps']} steps",
         "",
-        f"Made by `{res['command']}` on {res['date']}: {m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, "
-        f"(timing: {m['time_threads']} threads), torch {m['torch']}. Model `{res['model']['path']}` ({res['model']['parameters'] / 1e6:.2f}M parameters, "
+        f"Made by `{res['command']}` on {res['date']}: {m['processor']}, {m['cpu_count']} cores, {_threads(m['threads'])} "
+        f"(timing: {_threads(m['time_threads'])}), torch {m['torch']}. Model `{res['model']['path']}` ({res['model']['parameters'] / 1e6:.2f}M parameters, "
         f"{res['model']['blocks']} blocks). {res['n']} samples per method from the same noise (seed {res['seeds']['noise']})"
         + (f", labels {res['sampler']['labels']}, classifier-free guidance {res['sampler']['guidance_scale']:g}"
            if res["sampler"]["guidance_scale"] else "")
         + ". FD-FMNIST and KID: features of maskc's Fashion-MNIST classifier, against the 10,000 test images; "
         f"real-vs-real floor ({res['n']} training images): FD {fl['fd']:.3f}, KID {fl['kid']:.4f}. "
-        "PSNR and SSIM: each sample against the original model's sample from the same noise. "
+        + (f"FD / original in brackets: its 95% interval over {res['config']['bootstrap']} paired bootstrap resamples "
+           "of the noises (each resample draws the same noises for the method and the original). "
+           if "fd_ratio_ci" in rows[-1] else "")
+        + "PSNR and SSIM: each sample against the original model's sample from the same noise. "
         "MACs: FlopCounterMode over a generation of the compiled mask. Wall time: a batch-"
         f"{res['time_batch']} generation, {res['time_reps']} rounds interleaved with the original; median "
         "(quartiles in the JSON). Every method runs through the same compiled path. "
@@ -621,14 +641,50 @@ def _markdown(res: dict, plots: list[str]) -> str:
         ca = f" {r['class_accuracy']:.3f} |" if "class_accuracy" in r else ""
         pm = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
         sw = f"{r['speedup_wall']:.2f}x" if "speedup_wall" in r else "-"
+        ratio = f"{r['fd'] / orig['fd']:.2f}" + (" ({:.2f} to {:.2f})".format(*r["fd_ratio_ci"]) if "fd_ratio_ci" in r else "")
         lines.append(
             f"| {r['method']} | {lt} | {r['macs_fraction']:.3f} | {r['speedup_macs']:.2f}x | {sw} | "
-            f"{r['fd']:.3f} | {r['fd'] / orig['fd']:.2f} | {r['kid']:.4f} | {ps} | {ss} |{ca} {pm} |")
+            f"{r['fd']:.3f} | {ratio} | {r['kid']:.4f} | {ps} | {ss} |{ca} {pm} |")
     if "speedup_wall" not in orig:
         lines += ["", "Wall time and memory: not measured in this run (quality phase only)."]
     lines += _versus_peers(res)
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)
+
+
+def _peer_group(rows: list[dict], lr: dict) -> list[dict]:
+    """The rows a learned row ``lr`` is compared with: each family's best of no more MACs, and random at its target."""
+    t = lr["target"]
+    return ([r for r in rows if t in (r.get("best_for") or [])]
+            + [r for r in rows if r["family"] == "random" and r["method"].endswith(f"({t:g})")])
+
+
+def paired_intervals(rows: list[dict], features: list[torch.Tensor], psnrs: list[torch.Tensor | None],
+                     reference: Any, rounds: int, seed: int) -> None:
+    """Adds 95% paired-bootstrap intervals to ``rows`` (the original first), in place.
+
+    Every row's samples come from the same noises, so one set of resamples of the noises serves
+    all rows: ``fd_ci`` (each FD), ``fd_ratio_ci`` (FD over the original's), and per learned row
+    ``versus[method]`` with ``fd_margin_ci`` (peer FD minus learned) and ``psnr_margin_ci``
+    (learned mean PSNR minus peer), for the rows of ``_peer_group``.
+    """
+    from maskc.eval import bootstrap_counts, interval, paired_bootstrap_fd
+
+    counts = bootstrap_counts(len(features[0]), rounds, seed)
+    fds = paired_bootstrap_fd({str(k): f for k, f in enumerate(features)}, reference.test_mu, reference.test_sigma,
+                              counts)
+    fd = [fds[str(k)] for k in range(len(rows))]
+    n = counts.shape[1]
+    for k, r in enumerate(rows):
+        r["fd_ci"] = interval(fd[k])
+        if k:
+            r["fd_ratio_ci"] = interval(fd[k] / fd[0])
+    at = {id(r): k for k, r in enumerate(rows)}
+    for lr in (r for r in rows if r["family"] == "maskc"):
+        a = at[id(lr)]
+        lr["versus"] = {r["method"]: {"fd_margin_ci": interval(fd[at[id(r)]] - fd[a]),
+                                      "psnr_margin_ci": interval(counts @ (psnrs[a] - psnrs[at[id(r)]]).double() / n)}
+                        for r in _peer_group(rows, lr)}
 
 
 def _versus_peers(res: dict) -> list[str]:
@@ -638,25 +694,42 @@ def _versus_peers(res: dict) -> list[str]:
     if not peers:
         return []
     n_sel = res.get("config", {}).get("select_n")
+    with_ci = any("versus" in r for r in rows)
     out = ["", "## Against each peer family's best member of no more MACs", "",
            f"For each learned mask, every schedule of `maskc.schedules.peer_library` (every interval, depth and count "
            f"of full steps) with MACs at most the learned mask's was scored by PSNR on {n_sel} other noises "
            "(seed 4321 + seed: neither learning's calibration noises nor this table's); each family's best is "
            f"sampled here with the {res['n']} noises of the table above. Margins: learned minus peer for PSNR "
            "and SSIM (positive: learned better), peer minus learned for FD (positive: learned better). "
-           "`random` is at the learned target's MACs, not below it.", "",
+           "`random` is at the learned target's MACs, not below it."
+           + (f" In brackets: the 95% paired-bootstrap interval of the margin ({res['config']['bootstrap']} resamples "
+              f"of the {res['n']} noises, seed {res['config']['seed']}, the same resamples for every method, so the "
+              "spread of the noise draw that both methods share cancels)." if with_ci else ""), "",
            "| level | method | MACs | PSNR dB | PSNR margin | SSIM | SSIM margin | FD | FD margin |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    tally = {"psnr": [0, 0, 0], "fd": [0, 0, 0]}  # below zero beyond the interval, within noise, above
+
+    def margin(value: float, ci: list[float] | None, kind: str, fmt: str) -> str:
+        if ci is None:
+            return format(value, fmt)
+        tally[kind][0 if ci[1] < 0 else 2 if ci[0] > 0 else 1] += 1
+        return f"{value:{fmt}} ({ci[0]:{fmt}} to {ci[1]:{fmt}})"
+
     for lr in (r for r in rows if r["family"] == "maskc"):
         t = lr["target"]
         out.append(f"| {t:g} | **{lr['method']}** | {lr['macs_fraction']:.3f} | {lr['psnr']:.2f} | | {lr['ssim']:.3f} | "
                    f"| {lr['fd']:.3f} | |")
-        group = [r for r in peers if t in r["best_for"]]
-        group += [r for r in rows if r["family"] == "random" and r["method"].endswith(f"({t:g})")]
-        for r in sorted(group, key=lambda r: -r["psnr"]):
+        for r in sorted(_peer_group(rows, lr), key=lambda r: -r["psnr"]):
+            ci = lr.get("versus", {}).get(r["method"], {})
             out.append(f"| {t:g} | {r['family']}" + (f": {r['settings']}" if r.get("settings") else "")
-                       + f" | {r['macs_fraction']:.3f} | {r['psnr']:.2f} | {lr['psnr'] - r['psnr']:+.2f} | "
-                       f"{r['ssim']:.3f} | {lr['ssim'] - r['ssim']:+.3f} | {r['fd']:.3f} | {r['fd'] - lr['fd']:+.3f} |")
+                       + f" | {r['macs_fraction']:.3f} | {r['psnr']:.2f} | "
+                       f"{margin(lr['psnr'] - r['psnr'], ci.get('psnr_margin_ci'), 'psnr', '+.2f')} | "
+                       f"{r['ssim']:.3f} | {lr['ssim'] - r['ssim']:+.3f} | {r['fd']:.3f} | "
+                       f"{margin(r['fd'] - lr['fd'], ci.get('fd_margin_ci'), 'fd', '+.3f')} |")
+    if with_ci:
+        out += [""] + [f"{name} margin over {sum(c)} comparisons: learned worse beyond the interval at {c[0]}, "
+                       f"within the interval (no difference shown) at {c[1]}, better beyond it at {c[2]}."
+                       for name, c in (("PSNR", tally["psnr"]), ("FD", tally["fd"]))]
     return out
 
 

@@ -523,7 +523,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
     from maskc.bench import BenchConfig, run_bench
 
     run_bench(BenchConfig(
-        model=args.model, steps=args.steps, sampler=args.sampler, peers=args.peers, select_n=args.select_n,
+        model=args.model, steps=args.steps, sampler=args.sampler, peers=args.peers, select_n=args.select_n, bootstrap=args.bootstrap,
         step_reuse=tuple(args.step_reuse), delta_threshold=tuple(args.delta_threshold), n=args.n, batch=args.batch, targets=tuple(args.targets),
         main_target=args.main_target, deepcache=tuple(args.deepcache), deepcache_nonuniform=tuple(args.deepcache_nonuniform),
         fora=tuple(args.fora), random=not args.no_random, ablations=args.ablations, guidance_scale=args.guidance_scale,
@@ -663,6 +663,8 @@ def parser() -> argparse.ArgumentParser:
                    help="best: per peer family, its best member of no more MACs than each learned mask (chosen on "
                         "--select-n other noises); fixed: the intervals given below")
     b.add_argument("--select-n", type=int, default=16, help="noises that choose each family's best member")
+    b.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired bootstrap resamples of the noises for the 95%% intervals of FD ratios and margins")
     b.add_argument("--n", type=int, default=2000, help="samples per method")
     b.add_argument("--batch", type=int, default=250, help="generation batch of the quality phase")
     b.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.55, 0.45], help="MACs targets to learn")

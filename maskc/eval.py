@@ -11,6 +11,9 @@
   same figures whether or not the dataset is installed, and never reads it.
 - ``fidelity``: PSNR and SSIM of each masked sample against the original model's
   sample from the same initial noise.
+- ``paired_bootstrap_fd``: FD of several sample sets on the same bootstrap resamples of
+  their noises, for confidence intervals of FD differences and ratios between methods
+  that sampled the same noises (``interval``).
 - ``generation_macs``: MACs of one generation (batch 1) by FlopCounterMode, on the
   compiled mask, so glue that dies with skipped blocks is not counted.
 - ``interleaved_times``: original and masked generations alternating A B / B A, so
@@ -33,7 +36,8 @@ import torch
 from maskc.data import EVAL_DIR
 from maskc.errors import MaskcError
 
-__all__ = ["FMNISTFeatures", "Reference", "load_reference", "file_sha256", "fidelity", "generation_macs",
+__all__ = ["FMNISTFeatures", "Reference", "load_reference", "file_sha256", "fidelity", "psnr_per_sample",
+           "frechet_distances", "bootstrap_counts", "paired_bootstrap_fd", "interval", "generation_macs",
            "interleaved_times", "peak_memory", "summarize_times"]
 
 STATS_FORMAT = 1
@@ -202,14 +206,84 @@ class FMNISTFeatures:
         return float((pred == labels).float().mean())
 
 
+def psnr_per_sample(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Float64 PSNR (dB) of each image against the reference image from the same noise, on [0, 1]."""
+    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1 / mse)
+
+
 def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of each image against the reference image from the same noise, on [0, 1]."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = (10 * torch.log10(1 / mse)).mean()
     ssim = structural_similarity_index_measure(images.float(), reference.float(), data_range=1.0)
-    return {"psnr": float(psnr), "ssim": float(ssim)}
+    return {"psnr": float(psnr_per_sample(images, reference).mean()), "ssim": float(ssim)}
+
+
+def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues clamped)."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distances(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                      counts: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+    """Float64 Fréchet distances of feature rows [n, d] to N(``mu``, ``sigma``), one per row of ``counts``.
+
+    ``counts`` [R, n] says how often each row is drawn (a bootstrap resample; None: every row
+    once, R = 1). The sample covariance is the unbiased one, as torchmetrics' FID; the trace of
+    sqrt(S·sigma) is taken as that of sqrt(sigma½ S sigma½), a symmetric matrix with the same
+    eigenvalues, so that a batch of resamples costs one batched ``eigvalsh``.
+    """
+    x = features.double()
+    mu, sigma = mu.double(), sigma.double()
+    n = len(x)
+    if counts is None:
+        counts = torch.ones(1, n, dtype=torch.float64)
+    root = _sqrt_psd(sigma)
+    centre = x.mean(0)
+    xc = x - centre
+    x32 = xc.float()  # the second moments in float32 (the costly product), of centred rows: error ~1e-6 relative
+    out = []
+    for c in counts.double().split(chunk):
+        m = c @ xc / n  # [r, d], mean of the drawn rows minus ``centre``
+        second = ((x32.T * c.float()[:, None, :]) @ x32).double()  # [r, d, d]: sum over drawn rows of xc xcᵀ
+        cov = (second - n * m[:, :, None] * m[:, None, :]) / (n - 1)
+        m = m + centre
+        lam = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0)
+        tr = cov.diagonal(dim1=1, dim2=2).sum(1)
+        out.append((m - mu).square().sum(1) + tr + sigma.trace() - 2 * lam.sqrt().sum(1))
+    return torch.cat(out)
+
+
+def bootstrap_counts(n: int, rounds: int, seed: int = 0) -> torch.Tensor:
+    """[rounds, n] draw counts of ``rounds`` resamples (n draws with replacement each) of n items."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (rounds, n), generator=g)
+    return torch.zeros(rounds, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(rounds, n, dtype=torch.float64))
+
+
+def paired_bootstrap_fd(features: dict[str, torch.Tensor], mu: torch.Tensor, sigma: torch.Tensor,
+                        counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FD of each named feature set on the same resamples ``counts`` [R, n].
+
+    Invariant: row i of every set comes from noise i, so resample r draws the same noises for
+    every method, and differences (or ratios) of two methods' FDs, taken resample by resample,
+    give their paired spread: most of the spread of one FD is the draw of noises, which such a
+    difference cancels.
+    """
+    n = counts.shape[1]
+    for k, f in features.items():
+        if len(f) != n:
+            raise MaskcError(f"feature set {k!r} has {len(f)} rows, but the resamples draw from {n}: paired "
+                             f"resamples need every set sampled from the same {n} noises")
+    return {k: frechet_distances(f, mu, sigma, counts) for k, f in features.items()}
+
+
+def interval(draws: torch.Tensor, level: float = 0.95) -> list[float]:
+    """Percentile interval [lo, hi] holding the central ``level`` of bootstrap ``draws``."""
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return [float(v) for v in torch.quantile(draws.double(), q)]
 
 
 def generation_macs(model: torch.nn.Module, mask: Any, example_args: tuple, example_kwargs: dict,

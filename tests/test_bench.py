@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import maskc
 import maskc.bench
@@ -169,6 +170,44 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert sum(s.startswith("{'method'") for s in logs) == n_rows // 2  # only its own rows were sampled
     key = ("method", "macs_fraction", "fd", "kid", "psnr", "ssim", "mask_file")
     assert [{k: r.get(k) for k in key} for r in second["rows"]] == [{k: r.get(k) for k in key} for r in whole["rows"]]
+    # the paired intervals come from features each shard stored beside its rows: the same as one process's
+    ci = ("fd_ci", "fd_ratio_ci", "versus")
+    assert all(r.get("fd_ratio_ci") for r in whole["rows"][1:]) and whole["rows"][1]["versus"]
+    assert [{k: r.get(k) for k in ci} for r in second["rows"]] == [{k: r.get(k) for k in ci} for r in whole["rows"]]
     assert [r["sampled_by"] for r in second["rows"]] == ["0/2", "1/2"] * (n_rows // 2) + ["0/2"] * (n_rows % 2)
     assert "Samples drawn by 2 processes" in (sharded / "bench_unet_ddim3.md").read_text()
     assert not (sharded / "partial").exists()
+
+
+def test_paired_intervals_compare_the_right_rows() -> None:
+    """Intervals pair each learned row with its own peer group, resample by resample: a peer with the
+    learned row's very samples has a zero-width FD margin, a PSNR offset of 1 dB a [1, 1] interval."""
+    from maskc.bench import _versus_peers, paired_intervals
+    from maskc.eval import load_reference
+
+    ref = load_reference()
+    g = torch.Generator().manual_seed(0)
+    base = ref.train_features[:200]
+    other = base + 0.3 * torch.randn(base.shape, generator=g)
+    rows = [{"method": "original (full model)", "family": "original", "fd": 1.0},
+            {"method": "maskc learned, target 0.6", "family": "maskc", "target": 0.6},
+            {"method": "maskc learned, target 0.4", "family": "maskc", "target": 0.4},
+            {"method": "step: a", "family": "step", "best_for": [0.6]},
+            {"method": "step: b", "family": "step", "best_for": [0.4]},
+            {"method": "random, equal MACs (0.6)", "family": "random"}]
+    features = [base, base, other, base.clone(), other.clone(), other + 0.1]
+    psnr = torch.rand(200, generator=g) * 10 + 20
+    psnrs = [None, psnr, psnr, psnr - 1, psnr - 2, psnr - 3]
+    paired_intervals(rows, features, psnrs, ref, rounds=50, seed=0)
+    assert rows[1]["fd_ratio_ci"] == [1.0, 1.0] and rows[2]["fd_ratio_ci"][0] > 1
+    a, b = rows[1]["versus"], rows[2]["versus"]
+    assert set(a) == {"step: a", "random, equal MACs (0.6)"} and set(b) == {"step: b"}
+    assert a["step: a"]["fd_margin_ci"] == [0.0, 0.0]
+    assert a["step: a"]["psnr_margin_ci"] == pytest.approx([1.0, 1.0])
+    assert a["random, equal MACs (0.6)"]["fd_margin_ci"][0] > 0 and b["step: b"]["fd_margin_ci"] == [0.0, 0.0]
+    assert b["step: b"]["psnr_margin_ci"] == pytest.approx([2.0, 2.0])
+    for r, p in zip(rows, psnrs):  # what the table prints beside the intervals
+        r.update({"macs_fraction": 0.5, "fd": 10.0, "ssim": 0.9, "psnr": None if p is None else float(p.mean())})
+    md = "\n".join(_versus_peers({"rows": rows, "n": 200, "config": {"select_n": 2, "bootstrap": 50, "seed": 0}}))
+    assert "+1.00 (+1.00 to +1.00)" in md and "95% paired-bootstrap interval" in md
+    assert "FD margin over 3 comparisons: learned worse beyond the interval at 0, within the interval" in md

@@ -46,3 +46,39 @@ def test_timing_and_memory_helpers() -> None:
     big = peak_memory(lambda: torch.ones(1 << 20) * 2)
     assert 2 * 4 * (1 << 16) <= small < 4 * 4 * (1 << 16)  # input and output alive together
     assert 15 * small < big
+
+
+def test_frechet_distances_match_torchmetrics_on_every_resample(feats: FMNISTFeatures) -> None:
+    from maskc.eval import bootstrap_counts, frechet_distances
+
+    ref = feats.reference
+    x = ref.train_features[:300] * 1.05 + 0.02  # some distance from the test set
+    one = frechet_distances(x, ref.test_mu, ref.test_sigma)
+    assert one.shape == (1,) and float(one[0]) == pytest.approx(feats.score_features(x)["fd"], rel=1e-5, abs=1e-5)
+    counts = bootstrap_counts(300, 4, seed=3)
+    assert counts.sum(1).tolist() == [300.0] * 4 and torch.equal(counts, bootstrap_counts(300, 4, seed=3))
+    boot = frechet_distances(x, ref.test_mu, ref.test_sigma, counts, chunk=3)  # chunks of resamples
+    for r in range(4):
+        drawn = x.repeat_interleave(counts[r].long(), dim=0)  # resample r, rows repeated as drawn
+        assert float(boot[r]) == pytest.approx(feats.score_features(drawn)["fd"], rel=1e-5, abs=1e-5)
+
+
+def test_paired_bootstrap_shares_the_resamples(feats: FMNISTFeatures) -> None:
+    """Every set is scored on the same resamples: a copy differs by exactly zero in each, and a small
+    perturbation's FD change has a far narrower paired interval than each FD's own spread."""
+    from maskc.errors import MaskcError
+    from maskc.eval import bootstrap_counts, interval, paired_bootstrap_fd
+
+    ref = feats.reference
+    a = ref.train_features[:400]
+    b = a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+    counts = bootstrap_counts(400, 200, seed=1)
+    fd = paired_bootstrap_fd({"a": a, "copy": a.clone(), "b": b}, ref.test_mu, ref.test_sigma, counts)
+    assert torch.equal(fd["a"], fd["copy"])
+    own = interval(fd["a"])
+    diff = interval(fd["b"] - fd["a"])
+    assert own[1] - own[0] > 10 * (diff[1] - diff[0])
+    lo, hi = interval(torch.arange(1000.0))
+    assert lo == pytest.approx(24.975) and hi == pytest.approx(974.025)
+    with pytest.raises(MaskcError, match="same 400 noises"):
+        paired_bootstrap_fd({"a": a, "short": a[:399]}, ref.test_mu, ref.test_sigma, counts)
