@@ -6,7 +6,8 @@ each family's best member of no more MACs (the rows marked ``best_for`` that lev
 margins in PSNR and FD. Writes ``benchmarks/results/peers_summary.md`` and ``.json``; every
 figure is copied from the bench JSONs, none typed.
 
-Usage: python benchmarks/summarize_peers.py [--results benchmarks/results]
+Usage: python benchmarks/summarize_peers.py [--results benchmarks/results] [--readme README.md]
+(--readme fills the README's table between its peers_summary.py markers.)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,9 +48,58 @@ def summarize(res: dict) -> list[dict]:
     return out
 
 
+MODELS = {"fmnist-unet": "U-Net", "fmnist-dit": "DiT", "fmnist-sd": "SD-like"}
+SAMPLERS = {"ddim 20": "DDIM 20", "dpm++ 10": "DPM++ 10", "ddim 50": "DDIM 50"}
+BEGIN, END = "<!-- peers_summary.py: begin -->", "<!-- peers_summary.py: end -->"
+
+
+def short_peer(method: str) -> str:
+    """The README's short name of a peer row's method (its settings that matter to a reader)."""
+    rules = [(r"step-level reuse uniform: interval (\d+)", "step reuse, every {0}"),
+             (r"step-level reuse non-uniform: n_full (\d+),.*", "step reuse non-uniform, {0} full steps"),
+             (r"δ-threshold \(TeaCache-like, static\).*", "δ-threshold, static"),
+             (r"DeepCache (uniform|non-uniform): interval (\d+), depth 1\b.*", "DeepCache {0}, every {1}"),
+             (r"DeepCache (uniform|non-uniform): interval (\d+), depth (\d+).*", "DeepCache {0}, every {1}, depth {2}")]
+    for pattern, fmt in rules:
+        m = re.fullmatch(pattern, method)
+        if m:
+            return fmt.format(*m.groups())
+    return method
+
+
+def readme_table(items: list[dict]) -> list[str]:
+    """The README's table: one row per model, sampler and level, in the README's order; intervals where measured."""
+    def ci(v: float, c: list[float] | None, fmt: str) -> str:
+        return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
+
+    order = lambda s: (list(MODELS).index(s["model"]) if s["model"] in MODELS else 99,
+                       list(SAMPLERS).index(s["sampler"]) if s["sampler"] in SAMPLERS else 99, -s["target"])
+    lines = ["| model | sampler | n | level | MACs | PSNR dB | FD × orig. | best peer (MACs) | peer PSNR | PSNR margin "
+             "| FD margin |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for s in sorted(items, key=order):
+        lines.append(f"| {MODELS.get(s['model'], s['model'])} | {SAMPLERS.get(s['sampler'], s['sampler'])} | {s['n']} "
+                     f"| {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} | {ci(s['fd_ratio'], s['fd_ratio_ci'], '.2f')} "
+                     f"| {short_peer(s['peer'])} ({s['peer_macs']:.3f}) | {s['peer_psnr']:.2f} "
+                     f"| {ci(s['margin_db'], s['psnr_margin_ci'], '+.2f')} | {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} |")
+    return lines
+
+
+def write_readme(path: str, items: list[dict]) -> None:
+    """Replaces the lines between the README's BEGIN and END markers with ``readme_table``."""
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n\n" + "\n".join(readme_table(items)) + "\n\n" + END + tail)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--readme", help="also fill the table between the peers_summary.py markers of this README")
     a = ap.parse_args()
     items = []
     for path in sorted(glob.glob(os.path.join(a.results, "bench_*.json"))):
@@ -89,6 +140,8 @@ def main() -> None:
                  f"{sum(s['psnr_margin_ci'][1] < 0 for s in with_ci if s['psnr_margin_ci'])}" if with_ci else "") + "."]
     with open(os.path.join(a.results, "peers_summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if a.readme:
+        write_readme(a.readme, items)
     print("\n".join(lines))
 
 
