@@ -618,7 +618,8 @@ def _markdown(res: dict, plots: list[str]) -> str:
         + ". FD-FMNIST and KID: features of maskc's Fashion-MNIST classifier, against the 10,000 test images; "
         f"real-vs-real floor ({res['n']} training images): FD {fl['fd']:.3f}, KID {fl['kid']:.4f}. "
         + (f"FD / original in brackets: its 95% interval over {res['config']['bootstrap']} paired bootstrap resamples "
-           "of the noises (each resample draws the same noises for the method and the original). "
+           "of the noises (each resample draws the same noises for the method and the original); the JSON splits each "
+           "FD into its mean and covariance terms, with the samples' feature variance (`fd_terms`). "
            if "fd_ratio_ci" in rows[-1] else "")
         + "PSNR and SSIM: each sample against the original model's sample from the same noise. "
         "MACs: FlopCounterMode over a generation of the compiled mask. Wall time: a batch-"
@@ -664,12 +665,15 @@ def paired_intervals(rows: list[dict], features: list[torch.Tensor], psnrs: list
     """Adds 95% paired-bootstrap intervals to ``rows`` (the original first), in place.
 
     Every row's samples come from the same noises, so one set of resamples of the noises serves
-    all rows: ``fd_ci`` (each FD), ``fd_ratio_ci`` (FD over the original's), and per learned row
+    all rows: ``fd_ci`` (each FD), ``fd_ratio_ci`` (FD over the original's), ``fd_terms`` (FD's mean
+    and covariance terms and the samples' feature variance, ``maskc.eval.fd_terms``), and per learned row
     ``versus[method]`` with ``fd_margin_ci`` (peer FD minus learned) and ``psnr_margin_ci``
     (learned mean PSNR minus peer), for the rows of ``_peer_group``.
     """
-    from maskc.eval import bootstrap_counts, interval, paired_bootstrap_fd
+    from maskc.eval import bootstrap_counts, fd_terms, interval, paired_bootstrap_fd
 
+    for r, f in zip(rows, features):
+        r["fd_terms"] = fd_terms(f, reference.test_mu, reference.test_sigma)
     counts = bootstrap_counts(len(features[0]), rounds, seed)
     fds = paired_bootstrap_fd({str(k): f for k, f in enumerate(features)}, reference.test_mu, reference.test_sigma,
                               counts)

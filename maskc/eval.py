@@ -37,7 +37,7 @@ from maskc.data import EVAL_DIR
 from maskc.errors import MaskcError
 
 __all__ = ["FMNISTFeatures", "Reference", "load_reference", "file_sha256", "fidelity", "psnr_per_sample",
-           "frechet_distances", "bootstrap_counts", "paired_bootstrap_fd", "interval", "generation_macs",
+           "frechet_distances", "fd_terms", "bootstrap_counts", "paired_bootstrap_fd", "interval", "generation_macs",
            "interleaved_times", "peak_memory", "summarize_times"]
 
 STATS_FORMAT = 1
@@ -254,6 +254,20 @@ def frechet_distances(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Ten
         tr = cov.diagonal(dim1=1, dim2=2).sum(1)
         out.append((m - mu).square().sum(1) + tr + sigma.trace() - 2 * lam.sqrt().sum(1))
     return torch.cat(out)
+
+
+def fd_terms(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict[str, float]:
+    """FD split into its mean term |m - mu|² and its covariance term tr(S + sigma - 2 sqrt(S sigma)), with tr S.
+
+    Says whether a method moves the features' mean or narrows their spread (tr S, the samples'
+    feature variance, against tr sigma, the test set's).
+    """
+    x = features.double()
+    m, cov = x.mean(0), torch.cov(x.T)
+    root = _sqrt_psd(sigma.double())
+    cross = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum()
+    return {"mean_term": float((m - mu.double()).square().sum()),
+            "cov_term": float(cov.trace() + sigma.double().trace() - 2 * cross), "trace": float(cov.trace())}
 
 
 def bootstrap_counts(n: int, rounds: int, seed: int = 0) -> torch.Tensor:

@@ -200,6 +200,7 @@ def test_paired_intervals_compare_the_right_rows() -> None:
     psnrs = [None, psnr, psnr, psnr - 1, psnr - 2, psnr - 3]
     paired_intervals(rows, features, psnrs, ref, rounds=50, seed=0)
     assert rows[1]["fd_ratio_ci"] == [1.0, 1.0] and rows[2]["fd_ratio_ci"][0] > 1
+    assert rows[1]["fd_terms"] == rows[0]["fd_terms"] and rows[2]["fd_terms"]["trace"] > rows[1]["fd_terms"]["trace"]
     a, b = rows[1]["versus"], rows[2]["versus"]
     assert set(a) == {"step: a", "random, equal MACs (0.6)"} and set(b) == {"step: b"}
     assert a["step: a"]["fd_margin_ci"] == [0.0, 0.0]

@@ -49,7 +49,7 @@ def test_timing_and_memory_helpers() -> None:
 
 
 def test_frechet_distances_match_torchmetrics_on_every_resample(feats: FMNISTFeatures) -> None:
-    from maskc.eval import bootstrap_counts, frechet_distances
+    from maskc.eval import bootstrap_counts, fd_terms, frechet_distances
 
     ref = feats.reference
     x = ref.train_features[:300] * 1.05 + 0.02  # some distance from the test set
@@ -57,6 +57,9 @@ def test_frechet_distances_match_torchmetrics_on_every_resample(feats: FMNISTFea
     assert one.shape == (1,) and float(one[0]) == pytest.approx(feats.score_features(x)["fd"], rel=1e-5, abs=1e-5)
     counts = bootstrap_counts(300, 4, seed=3)
     assert counts.sum(1).tolist() == [300.0] * 4 and torch.equal(counts, bootstrap_counts(300, 4, seed=3))
+    terms = fd_terms(x, ref.test_mu, ref.test_sigma)
+    assert terms["mean_term"] + terms["cov_term"] == pytest.approx(float(one[0]), rel=1e-6)
+    assert terms["trace"] == pytest.approx(float(torch.cov(x.double().T).trace()))
     boot = frechet_distances(x, ref.test_mu, ref.test_sigma, counts, chunk=3)  # chunks of resamples
     for r in range(4):
         drawn = x.repeat_interleave(counts[r].long(), dim=0)  # resample r, rows repeated as drawn
