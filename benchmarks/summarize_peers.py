@@ -67,11 +67,13 @@ def short_peer(method: str) -> str:
     return method
 
 
+def ci(v: float, c: list[float] | None, fmt: str) -> str:
+    """``v`` formatted, with its interval ``c`` in brackets where the table has one."""
+    return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
+
+
 def readme_table(items: list[dict]) -> list[str]:
     """The README's table: one row per model, sampler and level, in the README's order; intervals where measured."""
-    def ci(v: float, c: list[float] | None, fmt: str) -> str:
-        return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
-
     order = lambda s: (list(MODELS).index(s["model"]) if s["model"] in MODELS else 99,
                        list(SAMPLERS).index(s["sampler"]) if s["sampler"] in SAMPLERS else 99, -s["target"])
     lines = ["| model | sampler | n | level | MACs | PSNR dB | FD × orig. | best peer (MACs) | peer PSNR | PSNR margin "
@@ -123,9 +125,6 @@ def main() -> None:
              "| model | sampler | n | level | MACs | PSNR dB | FD (x orig.) | best peer | peer MACs | peer PSNR "
              "| PSNR margin | FD margin | table |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
-    def ci(v: float, c: list[float] | None, fmt: str) -> str:
-        return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
-
     for s in items:
         lines.append(f"| {s['model']} | {s['sampler']} | {s['n']} | {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} "
                      f"| {s['fd']:.2f} ({ci(s['fd_ratio'], s['fd_ratio_ci'], '.2f')}) | {s['peer']} | {s['peer_macs']:.3f} "

@@ -675,9 +675,7 @@ def paired_intervals(rows: list[dict], features: list[torch.Tensor], psnrs: list
     for r, f in zip(rows, features):
         r["fd_terms"] = fd_terms(f, reference.test_mu, reference.test_sigma)
     counts = bootstrap_counts(len(features[0]), rounds, seed)
-    fds = paired_bootstrap_fd({str(k): f for k, f in enumerate(features)}, reference.test_mu, reference.test_sigma,
-                              counts)
-    fd = [fds[str(k)] for k in range(len(rows))]
+    fd = list(paired_bootstrap_fd(dict(enumerate(features)), reference.test_mu, reference.test_sigma, counts).values())
     n = counts.shape[1]
     for k, r in enumerate(rows):
         r["fd_ci"] = interval(fd[k])

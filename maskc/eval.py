@@ -249,11 +249,19 @@ def frechet_distances(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Ten
         m = c @ xc / n  # [r, d], mean of the drawn rows minus ``centre``
         second = ((x32.T * c.float()[:, None, :]) @ x32).double()  # [r, d, d]: sum over drawn rows of xc xcᵀ
         cov = (second - n * m[:, :, None] * m[:, None, :]) / (n - 1)
-        m = m + centre
-        lam = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0)
-        tr = cov.diagonal(dim1=1, dim2=2).sum(1)
-        out.append((m - mu).square().sum(1) + tr + sigma.trace() - 2 * lam.sqrt().sum(1))
+        mean_term, cov_term = _fd_parts(m + centre, cov, mu, sigma, root)
+        out.append(mean_term + cov_term)
     return torch.cat(out)
+
+
+def _fd_parts(m: torch.Tensor, cov: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+              root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FD's mean term |m - mu|² and covariance term tr(S + sigma - 2 sqrt(S sigma)) of means [r, d] and
+    covariances [r, d, d]; ``root`` is sigma's symmetric square root, tr sqrt(S sigma) that of
+    sqrt(root S root) (the same eigenvalues), one batched ``eigvalsh``."""
+    lam = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0)
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (m - mu).square().sum(-1), tr + sigma.trace() - 2 * lam.sqrt().sum(-1)
 
 
 def fd_terms(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict[str, float]:
@@ -262,12 +270,10 @@ def fd_terms(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> d
     Says whether a method moves the features' mean or narrows their spread (tr S, the samples'
     feature variance, against tr sigma, the test set's).
     """
-    x = features.double()
-    m, cov = x.mean(0), torch.cov(x.T)
-    root = _sqrt_psd(sigma.double())
-    cross = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum()
-    return {"mean_term": float((m - mu.double()).square().sum()),
-            "cov_term": float(cov.trace() + sigma.double().trace() - 2 * cross), "trace": float(cov.trace())}
+    x, sigma = features.double(), sigma.double()
+    cov = torch.cov(x.T)
+    mean_term, cov_term = _fd_parts(x.mean(0), cov, mu.double(), sigma, _sqrt_psd(sigma))
+    return {"mean_term": float(mean_term), "cov_term": float(cov_term), "trace": float(cov.trace())}
 
 
 def bootstrap_counts(n: int, rounds: int, seed: int = 0) -> torch.Tensor:
