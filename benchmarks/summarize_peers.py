@@ -32,6 +32,7 @@ def summarize(res: dict) -> list[dict]:
             continue
         best = max(peers, key=lambda r: r["psnr"])
         best_fd = min(peers, key=lambda r: r["fd"])
+        best_o = min(peers, key=lambda r: r["fd_to_original"]) if "fd_to_original" in lr else None
         out.append({
             "model": os.path.basename(res["model"]["path"]), "class": res["model"]["class"],
             "sampler": f"{res['sampler'].get('name', 'ddim')} {res['sampler']['steps']}", "n": res["n"],
@@ -44,6 +45,11 @@ def summarize(res: dict) -> list[dict]:
             "fd_ratio_ci": lr.get("fd_ratio_ci"),
             "psnr_margin_ci": lr.get("versus", {}).get(best["method"], {}).get("psnr_margin_ci"),
             "fd_margin_ci": lr.get("versus", {}).get(best_fd["method"], {}).get("fd_margin_ci"),
+            # FD to the original's samples from the same noises, in tables made since maskc bench computes it
+            "fd_to_original": lr.get("fd_to_original"),
+            "best_fd_to_original_peer": best_o["method"] if best_o else None,
+            "fd_to_original_margin": best_o["fd_to_original"] - lr["fd_to_original"] if best_o else None,
+            "fd_to_original_margin_ci": lr["versus"][best_o["method"]]["fd_to_original_margin_ci"] if best_o else None,
         })
     return out
 
@@ -67,8 +73,10 @@ def short_peer(method: str) -> str:
     return method
 
 
-def ci(v: float, c: list[float] | None, fmt: str) -> str:
-    """``v`` formatted, with its interval ``c`` in brackets where the table has one."""
+def ci(v: float | None, c: list[float] | None, fmt: str) -> str:
+    """``v`` formatted, with its interval ``c`` in brackets where the table has one; "-" where it has no ``v``."""
+    if v is None:
+        return "-"
     return format(v, fmt) + (f" [{c[0]:{fmt}}, {c[1]:{fmt}}]" if c else "")
 
 
@@ -77,12 +85,14 @@ def readme_table(items: list[dict]) -> list[str]:
     order = lambda s: (list(MODELS).index(s["model"]) if s["model"] in MODELS else 99,
                        list(SAMPLERS).index(s["sampler"]) if s["sampler"] in SAMPLERS else 99, -s["target"])
     lines = ["| model | sampler | n | level | MACs | PSNR dB | FD × orig. | best peer (MACs) | peer PSNR | PSNR margin "
-             "| FD margin |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| FD margin | FD-to-orig. margin |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for s in sorted(items, key=order):
         lines.append(f"| {MODELS.get(s['model'], s['model'])} | {SAMPLERS.get(s['sampler'], s['sampler'])} | {s['n']} "
                      f"| {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} | {ci(s['fd_ratio'], s['fd_ratio_ci'], '.2f')} "
                      f"| {short_peer(s['peer'])} ({s['peer_macs']:.3f}) | {s['peer_psnr']:.2f} "
-                     f"| {ci(s['margin_db'], s['psnr_margin_ci'], '+.2f')} | {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} |")
+                     f"| {ci(s['margin_db'], s['psnr_margin_ci'], '+.2f')} | {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} "
+                     f"| {ci(s.get('fd_to_original_margin'), s.get('fd_to_original_margin_ci'), '+.2f')} |")
     return lines
 
 
@@ -121,22 +131,30 @@ def main() -> None:
              "(the smallest margin over families); FD margin: the lowest-FD peer's FD minus the learned mask's "
              "(positive: learned better). In brackets, where the table has them: 95% paired-bootstrap intervals "
              "(the noises resampled, the same resamples for both methods); tables made before maskc bench computed "
-             "them have none.", "",
+             "them have none. FD-to-orig. margin, in tables made since maskc bench computes it: FD-FMNIST against "
+             "the original's samples from the same noises (how far a method moves the original's own distribution), "
+             "the lowest such peer's minus the learned mask's.", "",
              "| model | sampler | n | level | MACs | PSNR dB | FD (x orig.) | best peer | peer MACs | peer PSNR "
-             "| PSNR margin | FD margin | table |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| PSNR margin | FD margin | FD-to-orig. margin | table |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in items:
         lines.append(f"| {s['model']} | {s['sampler']} | {s['n']} | {s['target']:g} | {s['macs']:.3f} | {s['psnr']:.2f} "
                      f"| {s['fd']:.2f} ({ci(s['fd_ratio'], s['fd_ratio_ci'], '.2f')}) | {s['peer']} | {s['peer_macs']:.3f} "
                      f"| {s['peer_psnr']:.2f} | {ci(s['margin_db'], s['psnr_margin_ci'], '+.2f')} "
-                     f"| {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} | [{s['table']}]({s['table']}) |")
+                     f"| {ci(s['fd_margin'], s['fd_margin_ci'], '+.2f')} "
+                     f"| {ci(s['fd_to_original_margin'], s['fd_to_original_margin_ci'], '+.2f')} "
+                     f"| [{s['table']}]({s['table']}) |")
     with_ci = [s for s in items if s["fd_margin_ci"]]
+    to_o = [s for s in items if s["fd_to_original_margin_ci"]]
     lines += ["", f"PSNR margin below zero at {sum(s['margin_db'] < 0 for s in items)} of {len(items)} points, below "
               f"+0.5 dB at {sum(s['margin_db'] < 0.5 for s in items)}; FD margin below zero at "
               f"{sum(s['fd_margin'] < 0 for s in items)} of {len(items)}"
               + (f"; of the {len(with_ci)} points with intervals, the FD margin is below zero beyond its interval at "
                  f"{sum(s['fd_margin_ci'][1] < 0 for s in with_ci)} and the PSNR margin at "
-                 f"{sum(s['psnr_margin_ci'][1] < 0 for s in with_ci if s['psnr_margin_ci'])}" if with_ci else "") + "."]
+                 f"{sum(s['psnr_margin_ci'][1] < 0 for s in with_ci if s['psnr_margin_ci'])}" if with_ci else "")
+              + (f"; of the {len(to_o)} points with an FD to the original, its margin is below zero beyond its "
+                 f"interval at {sum(s['fd_to_original_margin_ci'][1] < 0 for s in to_o)} and above zero beyond it at "
+                 f"{sum(s['fd_to_original_margin_ci'][0] > 0 for s in to_o)}" if to_o else "") + "."]
     with open(os.path.join(a.results, "peers_summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if a.readme:

@@ -606,6 +606,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
     fl = res["real_vs_real_floor"]
     orig = rows[0]
     m = res["machine"]
+    to_o = "fd_to_original" in rows[-1]
     lines = [
         f"# maskc bench: {res['model']['class']} on Fashion-MNIST, {res['sampler'].get('name', 'ddim')} "
         f"{res['sampler']['steps']} steps",
@@ -621,6 +622,10 @@ def _markdown(res: dict, plots: list[str]) -> str:
            "of the noises (each resample draws the same noises for the method and the original); the JSON splits each "
            "FD into its mean and covariance terms, with the samples' feature variance (`fd_terms`). "
            if "fd_ratio_ci" in rows[-1] else "")
+        + ("FD to original: FD-FMNIST of the method's samples against the original's samples from the same noises "
+           "(0 for the original), with its 95% paired-bootstrap interval: how far the method moved the original's "
+           "own distribution, which FD-FMNIST against real images mixes with the original's own distance to them. "
+           if to_o else "")
         + "PSNR and SSIM: each sample against the original model's sample from the same noise. "
         "MACs: FlopCounterMode over a generation of the compiled mask. Wall time: a batch-"
         f"{res['time_batch']} generation, {res['time_reps']} rounds interleaved with the original; median "
@@ -630,9 +635,10 @@ def _markdown(res: dict, plots: list[str]) -> str:
         + (", ".join(f"{r['method']} {'learned afresh' if r.get('learned_afresh') else 'reused (same code)'}"
                      for r in rows if r.get("learned_afresh") is not None) or "none") + ".",
         "",
-        "| method | learning time | MACs | speed-up (MACs) | speed-up (wall) | FD-FMNIST | FD / original | KID | PSNR dB | SSIM |"
+        "| method | learning time | MACs | speed-up (MACs) | speed-up (wall) | FD-FMNIST | FD / original |"
+        + (" FD to original |" if to_o else "") + " KID | PSNR dB | SSIM |"
         + (" class acc. |" if "class_accuracy" in orig else "") + " peak mem MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if to_o else "") + " ---: | ---: | ---: |"
         + (" ---: |" if "class_accuracy" in orig else "") + " ---: |",
     ]
     for r in rows:
@@ -643,9 +649,13 @@ def _markdown(res: dict, plots: list[str]) -> str:
         pm = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
         sw = f"{r['speedup_wall']:.2f}x" if "speedup_wall" in r else "-"
         ratio = f"{r['fd'] / orig['fd']:.2f}" + (" ({:.2f} to {:.2f})".format(*r["fd_ratio_ci"]) if "fd_ratio_ci" in r else "")
+        fo = ""
+        if to_o:
+            fo = (" {:.3f} ({:.3f} to {:.3f}) |".format(r["fd_to_original"], *r["fd_to_original_ci"])
+                  if "fd_to_original" in r else " 0 |")
         lines.append(
             f"| {r['method']} | {lt} | {r['macs_fraction']:.3f} | {r['speedup_macs']:.2f}x | {sw} | "
-            f"{r['fd']:.3f} | {ratio} | {r['kid']:.4f} | {ps} | {ss} |{ca} {pm} |")
+            f"{r['fd']:.3f} | {ratio} |{fo} {r['kid']:.4f} | {ps} | {ss} |{ca} {pm} |")
     if "speedup_wall" not in orig:
         lines += ["", "Wall time and memory: not measured in this run (quality phase only)."]
     lines += _versus_peers(res)
@@ -666,25 +676,32 @@ def paired_intervals(rows: list[dict], features: list[torch.Tensor], psnrs: list
 
     Every row's samples come from the same noises, so one set of resamples of the noises serves
     all rows: ``fd_ci`` (each FD), ``fd_ratio_ci`` (FD over the original's), ``fd_terms`` (FD's mean
-    and covariance terms and the samples' feature variance, ``maskc.eval.fd_terms``), and per learned row
-    ``versus[method]`` with ``fd_margin_ci`` (peer FD minus learned) and ``psnr_margin_ci``
-    (learned mean PSNR minus peer), for the rows of ``_peer_group``.
+    and covariance terms and the samples' feature variance, ``maskc.eval.fd_terms``); per row but
+    the original, ``fd_to_original`` and ``fd_to_original_ci`` (FD to the original's samples from the
+    same noises, ``maskc.eval.frechet_distances_between``); and per learned row ``versus[method]``
+    with ``fd_margin_ci`` (peer FD minus learned), ``fd_to_original_margin_ci`` (likewise) and
+    ``psnr_margin_ci`` (learned mean PSNR minus peer), for the rows of ``_peer_group``.
     """
-    from maskc.eval import bootstrap_counts, fd_terms, interval, paired_bootstrap_fd
+    from maskc.eval import bootstrap_counts, fd_terms, interval, paired_bootstrap_fd, paired_bootstrap_fd_to
 
     for r, f in zip(rows, features):
         r["fd_terms"] = fd_terms(f, reference.test_mu, reference.test_sigma)
     counts = bootstrap_counts(len(features[0]), rounds, seed)
     fd = list(paired_bootstrap_fd(dict(enumerate(features)), reference.test_mu, reference.test_sigma, counts).values())
+    to_orig = paired_bootstrap_fd_to(dict(enumerate(features[1:], 1)), features[0], counts)
+    point = paired_bootstrap_fd_to(dict(enumerate(features[1:], 1)), features[0])
     n = counts.shape[1]
     for k, r in enumerate(rows):
         r["fd_ci"] = interval(fd[k])
         if k:
             r["fd_ratio_ci"] = interval(fd[k] / fd[0])
+            r["fd_to_original"] = float(point[k][0])
+            r["fd_to_original_ci"] = interval(to_orig[k])
     at = {id(r): k for k, r in enumerate(rows)}
     for lr in (r for r in rows if r["family"] == "maskc"):
         a = at[id(lr)]
         lr["versus"] = {r["method"]: {"fd_margin_ci": interval(fd[at[id(r)]] - fd[a]),
+                                      "fd_to_original_margin_ci": interval(to_orig[at[id(r)]] - to_orig[a]),
                                       "psnr_margin_ci": interval(counts @ (psnrs[a] - psnrs[at[id(r)]]).double() / n)}
                         for r in _peer_group(rows, lr)}
 
@@ -697,6 +714,7 @@ def _versus_peers(res: dict) -> list[str]:
         return []
     n_sel = res.get("config", {}).get("select_n")
     with_ci = any("versus" in r for r in rows)
+    to_o = "fd_to_original" in rows[-1]
     out = ["", "## Against each peer family's best member of no more MACs", "",
            f"For each learned mask, every schedule of `maskc.schedules.peer_library` (every interval, depth and count "
            f"of full steps) with MACs at most the learned mask's was scored by PSNR on {n_sel} other noises "
@@ -706,10 +724,13 @@ def _versus_peers(res: dict) -> list[str]:
            "`random` is at the learned target's MACs, not below it."
            + (f" In brackets: the 95% paired-bootstrap interval of the margin ({res['config']['bootstrap']} resamples "
               f"of the {res['n']} noises, seed {res['config']['seed']}, the same resamples for every method, so the "
-              "spread of the noise draw that both methods share cancels)." if with_ci else ""), "",
-           "| level | method | MACs | PSNR dB | PSNR margin | SSIM | SSIM margin | FD | FD margin |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    tally = {"psnr": [0, 0, 0], "fd": [0, 0, 0]}  # below zero beyond the interval, within noise, above
+              "spread of the noise draw that both methods share cancels)." if with_ci else "")
+           + (" FD to orig.: FD-FMNIST against the original's samples from the same noises, margin peer minus "
+              "learned (positive: the learned mask keeps the original's distribution better)." if to_o else ""), "",
+           "| level | method | MACs | PSNR dB | PSNR margin | SSIM | SSIM margin | FD | FD margin |"
+           + (" FD to orig. | FD-to-orig. margin |" if to_o else ""),
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if to_o else "")]
+    tally = {"psnr": [0, 0, 0], "fd": [0, 0, 0], "fd_to_original": [0, 0, 0]}  # below zero beyond the CI, within, above
 
     def margin(value: float, ci: list[float] | None, kind: str, fmt: str) -> str:
         if ci is None:
@@ -720,18 +741,24 @@ def _versus_peers(res: dict) -> list[str]:
     for lr in (r for r in rows if r["family"] == "maskc"):
         t = lr["target"]
         out.append(f"| {t:g} | **{lr['method']}** | {lr['macs_fraction']:.3f} | {lr['psnr']:.2f} | | {lr['ssim']:.3f} | "
-                   f"| {lr['fd']:.3f} | |")
+                   f"| {lr['fd']:.3f} | |" + (f" {lr['fd_to_original']:.3f} | |" if to_o else ""))
         for r in sorted(_peer_group(rows, lr), key=lambda r: -r["psnr"]):
             ci = lr.get("versus", {}).get(r["method"], {})
+            fo = ""
+            if to_o:
+                mo = margin(r["fd_to_original"] - lr["fd_to_original"], ci.get("fd_to_original_margin_ci"),
+                            "fd_to_original", "+.3f")
+                fo = f" {r['fd_to_original']:.3f} | {mo} |"
             out.append(f"| {t:g} | {r['family']}" + (f": {r['settings']}" if r.get("settings") else "")
                        + f" | {r['macs_fraction']:.3f} | {r['psnr']:.2f} | "
                        f"{margin(lr['psnr'] - r['psnr'], ci.get('psnr_margin_ci'), 'psnr', '+.2f')} | "
                        f"{r['ssim']:.3f} | {lr['ssim'] - r['ssim']:+.3f} | {r['fd']:.3f} | "
-                       f"{margin(r['fd'] - lr['fd'], ci.get('fd_margin_ci'), 'fd', '+.3f')} |")
+                       f"{margin(r['fd'] - lr['fd'], ci.get('fd_margin_ci'), 'fd', '+.3f')} |" + fo)
     if with_ci:
         out += [""] + [f"{name} margin over {sum(c)} comparisons: learned worse beyond the interval at {c[0]}, "
                        f"within the interval (no difference shown) at {c[1]}, better beyond it at {c[2]}."
-                       for name, c in (("PSNR", tally["psnr"]), ("FD", tally["fd"]))]
+                       for name, c in (("PSNR", tally["psnr"]), ("FD", tally["fd"]),
+                                       ("FD-to-original", tally["fd_to_original"])) if sum(c)]
     return out
 
 

@@ -37,7 +37,7 @@ from maskc.data import EVAL_DIR
 from maskc.errors import MaskcError
 
 __all__ = ["FMNISTFeatures", "Reference", "load_reference", "file_sha256", "fidelity", "psnr_per_sample",
-           "frechet_distances", "fd_terms", "bootstrap_counts", "paired_bootstrap_fd", "interval", "generation_macs",
+           "frechet_distances", "frechet_distances_between", "paired_bootstrap_fd_to", "fd_terms", "bootstrap_counts", "paired_bootstrap_fd", "interval", "generation_macs",
            "interleaved_times", "peak_memory", "summarize_times"]
 
 STATS_FORMAT = 1
@@ -221,9 +221,35 @@ def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 
 def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues clamped)."""
+    """Symmetric square root of symmetric positive semi-definite matrices [..., d, d] (negative eigenvalues clamped)."""
     w, v = torch.linalg.eigh(a)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
+    return (v * w.clamp_min(0).sqrt().unsqueeze(-2)) @ v.mT
+
+
+class _Moments:
+    """Means and unbiased covariances of feature rows [n, d] under resamples (rows drawn ``counts`` times).
+
+    The second moments are taken in float32 of rows centred on their mean (the costly
+    product; error ~1e-6 relative), everything else in float64.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        x = features.double()
+        self.n = len(x)
+        self.centre = x.mean(0)
+        self.xc = x - self.centre
+        self.x32 = self.xc.float()
+
+    def __call__(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means [r, d] and covariances [r, d, d] of the resamples ``c`` [r, n]."""
+        n = self.n
+        m = c @ self.xc / n  # mean of the drawn rows minus ``centre``
+        second = ((self.x32.T * c.float()[:, None, :]) @ self.x32).double()  # sum over drawn rows of xc xcᵀ
+        return m + self.centre, (second - n * m[:, :, None] * m[:, None, :]) / (n - 1)
+
+
+def _resamples(n: int, counts: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, ...]:
+    return (torch.ones(1, n, dtype=torch.float64) if counts is None else counts.double()).split(chunk)
 
 
 def frechet_distances(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
@@ -235,33 +261,60 @@ def frechet_distances(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Ten
     sqrt(S·sigma) is taken as that of sqrt(sigma½ S sigma½), a symmetric matrix with the same
     eigenvalues, so that a batch of resamples costs one batched ``eigvalsh``.
     """
-    x = features.double()
     mu, sigma = mu.double(), sigma.double()
-    n = len(x)
-    if counts is None:
-        counts = torch.ones(1, n, dtype=torch.float64)
     root = _sqrt_psd(sigma)
-    centre = x.mean(0)
-    xc = x - centre
-    x32 = xc.float()  # the second moments in float32 (the costly product), of centred rows: error ~1e-6 relative
+    moments = _Moments(features)
     out = []
-    for c in counts.double().split(chunk):
-        m = c @ xc / n  # [r, d], mean of the drawn rows minus ``centre``
-        second = ((x32.T * c.float()[:, None, :]) @ x32).double()  # [r, d, d]: sum over drawn rows of xc xcᵀ
-        cov = (second - n * m[:, :, None] * m[:, None, :]) / (n - 1)
-        mean_term, cov_term = _fd_parts(m + centre, cov, mu, sigma, root)
+    for c in _resamples(moments.n, counts, chunk):
+        mean_term, cov_term = _fd_parts(*moments(c), mu, sigma, root)
         out.append(mean_term + cov_term)
     return torch.cat(out)
+
+
+def frechet_distances_between(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor | None = None,
+                              chunk: int = 32) -> torch.Tensor:
+    """Float64 Fréchet distances between feature sets ``a`` and ``b`` [n, d], one per row of ``counts``.
+
+    Invariant: row i of both sets comes from noise i, so resample r draws the same rows of
+    both (a method's samples against the original's from the same noises: how far the method
+    moved the original's own distribution, whatever that distribution's distance to real
+    data). Symmetric up to rounding; zero for a set against itself.
+    """
+    return paired_bootstrap_fd_to({0: a}, b, counts, chunk)[0]
+
+
+def paired_bootstrap_fd_to(features: dict[Any, torch.Tensor], base: torch.Tensor, counts: torch.Tensor | None = None,
+                           chunk: int = 32) -> dict[Any, torch.Tensor]:
+    """``frechet_distances_between`` of each named feature set and ``base``, on the same resamples ``counts``.
+
+    ``base``'s moments and their square roots are computed once per chunk of resamples for all sets.
+    """
+    for k, f in features.items():
+        if f.shape != base.shape:
+            raise MaskcError(f"paired feature sets must have the same shape, got {tuple(f.shape)} ({k!r}) and "
+                             f"{tuple(base.shape)}: sample both from the same noises")
+    mb = _Moments(base)
+    sets = {k: _Moments(f) for k, f in features.items()}
+    out: dict[Any, list[torch.Tensor]] = {k: [] for k in features}
+    for c in _resamples(mb.n, counts, chunk):
+        mean_b, cov_b = mb(c)
+        root = _sqrt_psd(cov_b)
+        for k, m in sets.items():
+            mean_term, cov_term = _fd_parts(*m(c), mean_b, cov_b, root)
+            out[k].append(mean_term + cov_term)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _fd_parts(m: torch.Tensor, cov: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
               root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FD's mean term |m - mu|² and covariance term tr(S + sigma - 2 sqrt(S sigma)) of means [r, d] and
     covariances [r, d, d]; ``root`` is sigma's symmetric square root, tr sqrt(S sigma) that of
-    sqrt(root S root) (the same eigenvalues), one batched ``eigvalsh``."""
+    sqrt(root S root) (the same eigenvalues), one batched ``eigvalsh``. ``mu``, ``sigma`` and
+    ``root`` are one [d], [d, d] or one per resample [r, d], [r, d, d]."""
     lam = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0)
     tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return (m - mu).square().sum(-1), tr + sigma.trace() - 2 * lam.sqrt().sum(-1)
+    tr_sigma = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (m - mu).square().sum(-1), tr + tr_sigma - 2 * lam.sqrt().sum(-1)
 
 
 def fd_terms(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict[str, float]:

@@ -207,8 +207,16 @@ def test_paired_intervals_compare_the_right_rows() -> None:
     assert a["step: a"]["psnr_margin_ci"] == pytest.approx([1.0, 1.0])
     assert a["random, equal MACs (0.6)"]["fd_margin_ci"][0] > 0 and b["step: b"]["fd_margin_ci"] == [0.0, 0.0]
     assert b["step: b"]["psnr_margin_ci"] == pytest.approx([2.0, 2.0])
+    # FD to the original's samples: 0 for the original's very samples, on every resample; margins paired
+    assert "fd_to_original" not in rows[0] and abs(rows[1]["fd_to_original"]) < 1e-4
+    assert max(map(abs, rows[1]["fd_to_original_ci"])) < 2e-3  # float32 second moments and rows[2]["fd_to_original_ci"][0] > 1
+    assert rows[2]["fd_to_original"] == pytest.approx(rows[4]["fd_to_original"])
+    assert a["step: a"]["fd_to_original_margin_ci"] == [0.0, 0.0] == b["step: b"]["fd_to_original_margin_ci"]
+    assert a["random, equal MACs (0.6)"]["fd_to_original_margin_ci"][0] > 1
     for r, p in zip(rows, psnrs):  # what the table prints beside the intervals
         r.update({"macs_fraction": 0.5, "fd": 10.0, "ssim": 0.9, "psnr": None if p is None else float(p.mean())})
     md = "\n".join(_versus_peers({"rows": rows, "n": 200, "config": {"select_n": 2, "bootstrap": 50, "seed": 0}}))
     assert "+1.00 (+1.00 to +1.00)" in md and "95% paired-bootstrap interval" in md
     assert "FD margin over 3 comparisons: learned worse beyond the interval at 0, within the interval" in md
+    assert "FD-to-original margin over 3 comparisons: learned worse beyond the interval at 0, within the interval " \
+        "(no difference shown) at 2, better beyond it at 1" in md

@@ -66,6 +66,30 @@ def test_frechet_distances_match_torchmetrics_on_every_resample(feats: FMNISTFea
         assert float(boot[r]) == pytest.approx(feats.score_features(drawn)["fd"], rel=1e-5, abs=1e-5)
 
 
+def test_fd_between_paired_sets_matches_torchmetrics_on_every_resample(feats: FMNISTFeatures) -> None:
+    """FD of one set to another drawn on the same resamples: each resample's value is torchmetrics' FD of
+    the two drawn sets (rows of both drawn alike); a set against itself is 0, and the order does not matter."""
+    from torchmetrics.image.fid import _compute_fid
+
+    from maskc.errors import MaskcError
+    from maskc.eval import bootstrap_counts, frechet_distances_between
+
+    ref = feats.reference
+    a = ref.train_features[:300]
+    b = a * 1.1 + 0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(2))
+    counts = bootstrap_counts(300, 4, seed=5)
+    fd = frechet_distances_between(b, a, counts, chunk=3)
+    for r in range(4):
+        da, db = (x.double().repeat_interleave(counts[r].long(), dim=0) for x in (a, b))
+        want = float(_compute_fid(db.mean(0), torch.cov(db.T), da.mean(0), torch.cov(da.T)))
+        assert float(fd[r]) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert float(frechet_distances_between(a, b)[0]) == pytest.approx(float(frechet_distances_between(b, a)[0]),
+                                                                      rel=1e-5)
+    assert abs(float(frechet_distances_between(a, a)[0])) < 1e-4
+    with pytest.raises(MaskcError, match="same noises"):
+        frechet_distances_between(a, a[:299])
+
+
 def test_paired_bootstrap_shares_the_resamples(feats: FMNISTFeatures) -> None:
     """Every set is scored on the same resamples: a copy differs by exactly zero in each, and a small
     perturbation's FD change has a far narrower paired interval than each FD's own spread."""

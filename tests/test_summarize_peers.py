@@ -46,7 +46,9 @@ def test_readme_table_order_intervals_and_markers(sp, tmp_path) -> None:
         ["| U-Net", "DPM++ 10", "2000", "0.5"], ["| SD-like", "DDIM 20", "2000", "0.7"]]
     assert "| 1.18 [1.17, 1.19] | step reuse, every 2 (0.500) | 30.20 | +0.48 [+0.39, +0.58] | -0.01 [-0.09, +0.07] |" \
         in lines[2]
-    assert lines[-1].endswith("| +0.48 | -0.01 |")  # no intervals: bare figures
+    assert lines[-1].endswith("| +0.48 | -0.01 | - |")  # no intervals: bare figures; no FD to the original: "-"
+    with_o = sp.readme_table([_item(fd_to_original_margin=1.5, fd_to_original_margin_ci=[1.25, 1.75])])
+    assert with_o[-1].endswith("| -0.01 [-0.09, +0.07] | +1.50 [+1.25, +1.75] |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{sp.BEGIN}\nold table\n{sp.END}\noutro\n")
     sp.write_readme(str(readme), items)
@@ -57,3 +59,27 @@ def test_readme_table_order_intervals_and_markers(sp, tmp_path) -> None:
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- peers_summary.py: begin -->"):
         sp.write_readme(str(readme), items)
+
+
+def test_summarize_picks_each_margins_own_best_peer(sp) -> None:
+    """PSNR margin against the highest-PSNR peer, FD margin against the lowest-FD one, FD-to-original margin
+    against the lowest FD-to-original one, each with that pair's own interval."""
+    def row(method, psnr, fd, fo, **kw):
+        return {"method": method, "family": method.split(":")[0], "macs_fraction": 0.5, "psnr": psnr, "fd": fd,
+                "fd_to_original": fo, "best_for": [0.5], **kw}
+
+    versus = {m: {"psnr_margin_ci": [i, i], "fd_margin_ci": [10 + i, 10 + i], "fd_to_original_margin_ci": [20 + i, 20 + i]}
+              for i, m in enumerate(("a: 1", "b: 1", "c: 1"))}
+    rows = [{"method": "original (full model)", "family": "original", "macs_fraction": 1.0, "fd": 20.0},
+            {"method": "maskc learned, target 0.5", "family": "maskc", "target": 0.5, "macs_fraction": 0.5,
+             "psnr": 31.0, "fd": 25.0, "fd_to_original": 3.0, "versus": versus},
+            row("a: 1", 30.0, 27.0, 2.5), row("b: 1", 29.0, 24.0, 4.0), row("c: 1", 28.0, 26.0, 2.0)]
+    res = {"rows": rows, "model": {"path": "x/fmnist-unet", "class": "UNet2DModel"}, "n": 100, "date": "d",
+           "sampler": {"name": "ddim", "steps": 20}}
+    (s,) = sp.summarize(res)
+    assert (s["peer"], s["margin_db"], s["psnr_margin_ci"]) == ("a: 1", 1.0, [0, 0])
+    assert (s["best_fd_peer"], s["fd_margin"], s["fd_margin_ci"]) == ("b: 1", -1.0, [11, 11])
+    assert (s["best_fd_to_original_peer"], s["fd_to_original_margin"], s["fd_to_original_margin_ci"]) == \
+        ("c: 1", -1.0, [22, 22])
+    del rows[1]["fd_to_original"]
+    assert sp.summarize(res)[0]["fd_to_original_margin"] is None
