@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -206,16 +206,18 @@ def learn_inputs(
                 pe, ne = pipe.encode_prompt(prompt, device, 1, guided, negative_prompt, prompt_embeds=prompt_embeds,
                                             negative_prompt_embeds=negative_prompt_embeds)
                 pm = nm = None
-        added = None
+        added: Callable[[int], dict] | None = None
         if getattr(model, "use_additional_conditions", None) is not None:  # PixArt: resolution conditioning
             h, w = sample_shape[1] * vae_f, sample_shape[2] * vae_f
             extra = model.use_additional_conditions
 
-            def added(n: int) -> dict:
+            def resolution(n: int) -> dict:
                 if not extra:
                     return {"resolution": None, "aspect_ratio": None}
                 return {"resolution": torch.tensor([[h, w]], dtype=pe.dtype, device=device).repeat(n, 1),
                         "aspect_ratio": torch.tensor([[h / w]], dtype=pe.dtype, device=device).repeat(n, 1)}
+
+            added = resolution
 
         def text(e: torch.Tensor, m: torch.Tensor | None) -> Any:
             def kw(n: int, _g: torch.Generator) -> dict:

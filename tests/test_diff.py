@@ -76,7 +76,6 @@ def case():
     # Rows chosen so that the drawn steps show every status: cached values read and unread, dead blocks,
     # glue removed wholly and partly (the time embedding lives on while conv_in dies); step 3 is only measured.
     rows = ["111111111111", "010110000010", "101000101001", "011001011100"]
-    T = len(rows)
     bits = torch.tensor([[c == "1" for c in r] for r in rows])
     mask = maskc.Mask(bits, names)
     an = analyze(model, mask, example(model))
