@@ -48,8 +48,19 @@ SAMPLERS: dict[str, Callable[[], Any]] = {  # the training noise schedule: 1000 
 }
 
 
+# Modules whose code decides a learned mask or its cost, besides passes/: learn.py and what
+# it runs ("__init__": the package, for ``maskc.blocks``). tests/test_bench.py walks their
+# imports and fails on a module neither here nor in MASK_CODE_EXEMPT.
+MASK_CODE = ("__init__", "learn", "runtime", "refine", "rollout", "sampling", "schedules", "mask", "graphs")
+MASK_CODE_EXEMPT = {
+    "errors": "exception classes and their messages",
+    "pipelines": "which inputs a diffusers pipeline gives learning; maskc bench learns from bare models",
+    "cudagraphs": "CUDA graph capture and replay: no bits, no MACs",
+}
+
+
 def code_version() -> str:
-    """A hash of the code that decides learned masks and their cost: ``passes/``, learn.py, runtime.py.
+    """A hash of the code that decides learned masks and their cost: ``passes/`` and ``MASK_CODE``.
 
     Part of the key under which learned masks are reused, so that a change to learning or
     to the compiler learns afresh, and recorded in every result so that ``--phase time``
@@ -59,12 +70,11 @@ def code_version() -> str:
     import importlib
 
     # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
-    learn_py, runtime_py, passes_init = (importlib.import_module(f"maskc.{m}").__file__
-                                         for m in ("learn", "runtime", "passes"))
-    h = hashlib.sha256()
-    pdir = os.path.dirname(passes_init)
+    paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in MASK_CODE]
+    pdir = os.path.dirname(importlib.import_module("maskc.passes").__file__)
     files = sorted(os.path.join(pdir, f) for f in os.listdir(pdir) if f.endswith(".py"))
-    for path in files + [learn_py, runtime_py]:
+    h = hashlib.sha256()
+    for path in files + paths:
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + b"\0" + f.read())
     return h.hexdigest()[:12]
@@ -631,7 +641,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
         f"{res['time_batch']} generation, {res['time_reps']} rounds interleaved with the original; median "
         "(quartiles in the JSON). Every method runs through the same compiled path. "
         + _shards_note(rows, m["threads"]) +
-        f"Code version {res.get('code_version')} (a hash of passes/, learn.py and runtime.py); learned masks: "
+        f"Code version {res.get('code_version')} (a hash of passes/ and the modules learning runs, `maskc.bench.MASK_CODE`); learned masks: "
         + (", ".join(f"{r['method']} {'learned afresh' if r.get('learned_afresh') else 'reused (same code)'}"
                      for r in rows if r.get("learned_afresh") is not None) or "none") + ".",
         "",

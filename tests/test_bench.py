@@ -220,3 +220,47 @@ def test_paired_intervals_compare_the_right_rows() -> None:
     assert "FD margin over 3 comparisons: learned worse beyond the interval at 0, within the interval" in md
     assert "FD-to-original margin over 3 comparisons: learned worse beyond the interval at 0, within the interval " \
         "(no difference shown) at 2, better beyond it at 1" in md
+
+
+def _maskc_imports(path: str) -> set[str]:
+    """maskc modules a file imports anywhere (module level or in functions): "learn", "passes", "__init__";
+    for ``maskc.name`` after ``import maskc``, the module that defines ``name``."""
+    import ast
+
+    import maskc
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "maskc":
+            mod = getattr(getattr(maskc, node.attr), "__module__", "maskc") or "maskc"
+            out.add(mod.split(".")[1] if "." in mod else "__init__")
+            continue
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        for m in mods:
+            parts = m.split(".")
+            if parts[0] == "maskc":
+                out.add(parts[1] if len(parts) > 1 else "__init__")
+    return out
+
+
+def test_code_version_covers_what_learning_runs() -> None:
+    """Every maskc module that learn.py reaches is hashed into the key of stored masks (or exempt, with a reason):
+    a change to one that is not would let `maskc bench` reuse masks the new code would not learn."""
+    import importlib
+
+    from maskc.bench import MASK_CODE, MASK_CODE_EXEMPT
+
+    covered = set(MASK_CODE) | {"passes"}
+    seen, todo = set(), ["learn"]
+    while todo:
+        m = todo.pop()
+        if m in seen or m in ("__init__", "passes") or m in MASK_CODE_EXEMPT:  # the package: re-exports only
+            continue
+        seen.add(m)
+        reached = _maskc_imports(importlib.import_module(f"maskc.{m}").__file__)
+        missing = reached - covered - set(MASK_CODE_EXEMPT)
+        assert not missing, f"maskc.{m} imports {sorted(missing)}, which code_version does not hash"
+        todo.extend(reached)
+    assert {"refine", "rollout", "schedules", "runtime"} <= seen
+    assert not set(MASK_CODE) & set(MASK_CODE_EXEMPT)
