@@ -40,9 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def masks(names: list[str], T: int, learned: str) -> dict[str, maskc.Mask | None]:
     """The compared methods (None: the original model)."""
     def full(steps: list[int], label: str) -> maskc.Mask:
-        b = torch.zeros(T, len(names), dtype=torch.bool)
-        b[steps] = True
-        return maskc.Mask(b, names, {"provenance": {"method": label, "full_steps": steps}})
+        return schedules._with_full_steps(names, T, steps, [], {"method": label, "full_steps": steps})
 
     return {
         "original (full model)": None,
@@ -83,32 +81,28 @@ def main() -> None:
     os.makedirs(a.work, exist_ok=True)
     ref_path = os.path.join(a.work, f"original-n{a.n}.pt")  # samples, for PSNR (git-ignored size)
     rows, F, P = [], [], []
+    ref = torch.load(ref_path) if os.path.exists(ref_path) else None
     for k, (label, m) in enumerate(methods.items()):
         store = os.path.join(a.work, f"method{k}-n{a.n}.pt")
-        if os.path.exists(store) and (k or os.path.exists(ref_path)):
-            saved = torch.load(store)
-            if saved["label"] == label:
-                f, p, secs = saved["features"], saved["psnr"], saved["seconds"]
-                print(f"{label}: reused {store}", flush=True)
-                rows.append({"method": label, "sampling_s": secs})
-                F.append(f)
-                P.append(p)
-                continue
-        t0 = time.perf_counter()
-        fn, reset = (model, None) if m is None else (lambda tm: (tm, tm.reset))(maskc.compile(model, m))
-        x = torch.cat([generate(fn, sched, noise[i:i + a.batch], T, None, None, reset=reset)
-                       for i in range(0, a.n, a.batch)])
-        secs = time.perf_counter() - t0
-        if m is None:
-            torch.save(x, ref_path)
-        ref = torch.load(ref_path)
-        f = feats.features(x)
-        p = None if m is None else psnr_per_sample(x, ref)
-        torch.save({"label": label, "features": f, "psnr": p, "seconds": secs}, store)
-        print(f"{label}: {a.n} samples in {secs:.0f} s", flush=True)
-        rows.append({"method": label, "sampling_s": secs})
-        F.append(f)
-        P.append(p)
+        saved = torch.load(store) if os.path.exists(store) and ref is not None else None
+        if saved is not None and saved["label"] == label:
+            print(f"{label}: reused {store}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            fn, reset = (model, None) if m is None else (lambda tm: (tm, tm.reset))(maskc.compile(model, m))
+            x = torch.cat([generate(fn, sched, noise[i:i + a.batch], T, None, None, reset=reset)
+                           for i in range(0, a.n, a.batch)])
+            secs = time.perf_counter() - t0
+            if m is None:
+                ref = x
+                torch.save(x, ref_path)
+            saved = {"label": label, "features": feats.features(x), "psnr": None if m is None else psnr_per_sample(x, ref),
+                     "seconds": secs}
+            torch.save(saved, store)
+            print(f"{label}: {a.n} samples in {secs:.0f} s", flush=True)
+        rows.append({"method": label, "sampling_s": saved["seconds"]})
+        F.append(saved["features"])
+        P.append(saved["psnr"])
     R = feats.reference
     counts = bootstrap_counts(a.n, 1000, 0)
     fd = paired_bootstrap_fd(dict(enumerate(F)), R.test_mu, R.test_sigma, counts)
@@ -127,7 +121,7 @@ def main() -> None:
             r["psnr"] = float(P[k].mean())
             r["psnr_ci"] = interval(counts @ P[k].double() / a.n)
             r["full_steps"] = [i for i in range(T) if bool(m.bits[i].all())]
-        if k > 1:  # paired against the learned mask (row 1): positive means this row is lower
+        if k > 1:  # paired against the learned mask (row 1): a negative FD difference means this row is lower
             r["fd_minus_learned_ci"] = interval(fd[k] - fd[1])
             r["fd_to_original_minus_learned_ci"] = interval(to_orig[k] - to_orig[1])
             r["psnr_minus_learned_ci"] = interval(counts @ (P[k] - P[1]).double() / a.n)
