@@ -6,6 +6,7 @@
   (tests/mutation.py), where only "does some example fail" matters.
 """
 import os
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
@@ -19,3 +20,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # one thread: the models under test are tiny, and two threads on two shared cores spin against each other
 # (a small conv measured 14 ms with 2 threads against 0.2 ms with 1 on a loaded machine)
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Longest first: the planted-bug run, then the other ``slow`` tests, then the rest (each group in
+    collection order). Under ``-n 2`` (with ``--maxschedchunk=1``) the two workers start on the long
+    tests together and fill in with short ones, instead of one worker finishing the suite alone behind
+    the planted-bug run."""
+    def rank(item: Any) -> int:
+        return 0 if item.get_closest_marker("mutation") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
