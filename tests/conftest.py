@@ -6,8 +6,8 @@
   (tests/mutation.py), where only "does some example fail" matters.
 """
 import os
-from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
@@ -22,12 +22,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first: the planted-bug run, then the other ``slow`` tests, then the rest (each group in
     collection order). Under ``-n 2`` (with ``--maxschedchunk=1``) the two workers start on the long
     tests together and fill in with short ones, instead of one worker finishing the suite alone behind
     the planted-bug run."""
-    def rank(item: Any) -> int:
+    def rank(item: pytest.Item) -> int:
         return 0 if item.get_closest_marker("mutation") else 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)

@@ -310,7 +310,8 @@ def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900,
             plant(pkg, m)
         check_imports_copy(pkg)
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not mutation",
+        # -o addopts replaces the copied pyproject's addopts (--durations would fill the tail kept for survivors)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=-p no:cacheprovider", "-m", "not mutation",
                "--no-header", "-rf", *tests]
         try:
             r = subprocess.run(cmd, env=_env(pkg), cwd=pkg, capture_output=True, text=True, timeout=timeout)
