@@ -1,6 +1,10 @@
-"""Planted bugs in the compiler and runtime, and a harness that checks the tests catch each one.
+"""Planted bugs, and a harness that checks the tests catch each one.
 
-Each ``Mutant`` replaces one exact snippet of ``passes/`` or ``maskc/runtime.py`` (the
+The bugs sit in the compiler and runtime (``passes/``, ``maskc/runtime.py``,
+``maskc/backend.py``), in learning (``maskc/rollout.py``, ``maskc/learn.py``'s budget
+projection, ``maskc/refine.py``'s search), in the peers' schedules
+(``maskc/schedules.py``) and in evaluation (``maskc/eval.py``'s FD and paired bootstrap).
+Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
 plants one bug there, puts the copy first on ``PYTHONPATH`` (checked: the tests import
@@ -42,6 +46,9 @@ EX = "tests/test_exactness.py"
 FUZZ = "tests/test_fuzz_runtime.py"
 PIPE = "tests/test_pipelines.py"
 DIRECT = "tests/test_direct.py"
+PHASES = "tests/test_learn_phases.py"
+SCHED = "tests/test_schedules.py"
+EVAL = "tests/test_eval.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -237,6 +244,89 @@ MUTANTS: tuple[Mutant, ...] = (
            '"tuple" if type(ret) is tuple and all(type(v) in _TENSOR_TYPES for v in ret)', '"tuple" if type(ret) is tuple',
            "a block returning a tuple with None or nested skips gets a flat tuple of tensors back",
            (DIRECT + "::test_outputs_that_are_not_all_tensors_keep_their_structure",)),
+    # Learning: whole-generation rollouts, the budget projection, the trajectory search.
+    Mutant("rollout-reruns-one-step-late", "maskc/rollout.py",
+           "            d = int(diff[0]) if len(diff) else self.T",
+           "            d = min(int(diff[0]) + 1, self.T) if len(diff) else self.T",
+           "a candidate is rerun from the step after its first change: learning scores masks it never ran",
+           (PHASES + "::test_rollout_is_the_runtime_bit_for_bit",)),
+    Mutant("rollout-shares-stored-cache", "maskc/rollout.py",
+           "        cache, sched = dict(cache), copy.deepcopy(sched)",
+           "        sched = copy.deepcopy(sched)",
+           "a rejected candidate's block outputs leak into the stored state that later candidates rerun from",
+           (PHASES + "::test_rollout_is_the_runtime_bit_for_bit",)),
+    Mutant("budget-first-prefix-over-target", "maskc/learn.py",
+           "    best = min(range(len(order) + 1), key=lambda k: (abs(keep(k)[1] - target), k))",
+           "    best = next((k for k in range(len(order) + 1) if keep(k)[1] >= target), len(order))",
+           "the budget step takes the first prefix that reaches the target, not the closest: masks overshoot",
+           (PHASES + "::test_project_budget_is_the_closest_prefix",)),
+    Mutant("fit-ignores-upper-bound", "maskc/refine.py",
+           "                    if fc <= hi and (best is None or fc > best[1]):",
+           "                    if best is None or fc > best[1]:",
+           "fitting a seed into the MACs window can jump over it: learned masks land above budget",
+           (PHASES + "::test_fit_to_window_lands_inside",)),
+    Mutant("search-accepts-worse", "maskc/refine.py",
+           "        if p > p_best + 1e-9:\n            rollout.accept()",
+           "        if True:\n            rollout.accept()",
+           "the search keeps its last move, not its best mask: the result can be worse than a peer",
+           (PHASES + "::test_search_never_worse_than_its_seeds_and_stays_in_the_window",)),
+    Mutant("search-not-seeded-with-peers", "maskc/refine.py",
+           "    for p, f, m, b in sorted(scored_peers, key=lambda z: -z[0])[:fitted_peers]:",
+           "    for p, f, m, b in sorted(scored_peers, key=lambda z: -z[0])[:0]:",
+           "the search starts from the learned mask alone: 'never worse than a peer' no longer holds",
+           (PHASES + "::test_search_never_worse_than_its_seeds_and_stays_in_the_window",)),
+    Mutant("search-repair-unchecked", "maskc/refine.py",
+           "                if lo <= fd <= hi:\n                    fixed = (d, fd)",
+           "                if True:\n                    fixed = (d, fd)",
+           "a move repaired at another step is scored even when still outside the MACs window",
+           (PHASES + "::test_search_never_worse_than_its_seeds_and_stays_in_the_window",)),
+    # Peers: the schedules a learned mask is compared with.
+    Mutant("deepcache-keeps-deep-up-blocks", "maskc/schedules.py",
+           'tuple(f"up_blocks.{n_up - 1 - k}." for k in range(depth))',
+           'tuple(f"up_blocks.{k}." for k in range(depth))',
+           "DeepCache's shallow branch runs the deepest up stage instead of the outermost one",
+           (SCHED + "::test_deepcache_uniform",)),
+    Mutant("deepcache-nonuniform-fewer-full-steps", "maskc/schedules.py",
+           "    n_full = math.ceil(steps / interval)",
+           "    n_full = steps // interval",
+           "DeepCache non-uniform drops a full step when N does not divide the steps: compared at fewer MACs",
+           (SCHED + "::test_deepcache_nonuniform_has_as_many_full_steps_as_uniform",)),
+    Mutant("random-bisects-backwards", "maskc/schedules.py",
+           "        lo, hi = (mid, hi) if f < target else (lo, mid)",
+           "        lo, hi = (lo, mid) if f < target else (mid, hi)",
+           "random masks at 'equal MACs' miss the target: the sanity floor is at another budget",
+           (SCHED + "::test_random_equal_macs_hits_the_target",)),
+    Mutant("delta-threshold-never-restarts", "maskc/schedules.py",
+           "            full.append(i)\n            acc = 0.0",
+           "            full.append(i)",
+           "the TeaCache-like peer runs every step once the threshold is first reached",
+           (PHASES + "::test_delta_threshold_accumulates",)),
+    Mutant("library-without-every-other-step", "maskc/schedules.py",
+           "    for n in range(2, top + 1):",
+           "    for n in range(3, top + 1):",
+           "the simplest peer (reuse the whole model every other step) is missing from the library",
+           (PHASES + "::test_peer_library_families",)),
+    # Evaluation: FD and its paired bootstrap.
+    Mutant("fd-biased-covariance", "maskc/eval.py",
+           "        return m + self.centre, (second - n * m[:, :, None] * m[:, None, :]) / (n - 1)",
+           "        return m + self.centre, (second - n * m[:, :, None] * m[:, None, :]) / n",
+           "FD uses the biased covariance: figures differ from torchmetrics' FID on the same features",
+           (EVAL + "::test_frechet_distances_match_torchmetrics_on_every_resample",)),
+    Mutant("fd-cross-term-halved", "maskc/eval.py",
+           "    return (m - mu).square().sum(-1), tr + tr_sigma - 2 * lam.sqrt().sum(-1)",
+           "    return (m - mu).square().sum(-1), tr + tr_sigma - lam.sqrt().sum(-1)",
+           "FD's covariance term drops half the cross term: every FD is inflated",
+           (EVAL + "::test_frechet_distances_match_torchmetrics_on_every_resample",)),
+    Mutant("bootstrap-unpaired", "maskc/eval.py",
+           "    return {k: frechet_distances(f, mu, sigma, counts) for k, f in features.items()}",
+           "    return {k: frechet_distances(f, mu, sigma, counts.roll(len(k), 0)) for k, f in features.items()}",
+           "each method's FD is resampled on other noises: margins' intervals stop cancelling the shared draw",
+           (EVAL + "::test_paired_bootstrap_shares_the_resamples",)),
+    Mutant("fd-to-original-base-on-other-resamples", "maskc/eval.py",
+           "        mean_b, cov_b = mb(c)",
+           "        mean_b, cov_b = mb(c.flip(0))",
+           "FD to the original draws other noises for the original than for the method",
+           (EVAL + "::test_fd_between_paired_sets_matches_torchmetrics_on_every_resample",)),
 )
 
 

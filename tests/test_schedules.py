@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +43,16 @@ def test_quad_center_is_denser_near_the_center() -> None:
     assert abs(gaps[min(gaps)] - 25) < abs(gaps[max(gaps)] - 25)
     m = schedules.deepcache_nonuniform(UNET, 50, interval=5, depth=1)
     assert int(m.bits.all(1).sum()) == 10
+
+
+@given(steps=st.integers(2, 60), data=st.data())
+def test_deepcache_nonuniform_has_as_many_full_steps_as_uniform(steps: int, data) -> None:
+    """DeepCache non-uniform moves the full steps of 1:N, it does not drop any: equal counts, so equal MACs."""
+    n = data.draw(st.integers(1, steps))
+    u = schedules.deepcache_uniform(UNET, steps, interval=n)
+    nu = schedules.deepcache_nonuniform(UNET, steps, interval=n)
+    assert int(nu.bits.all(1).sum()) == int(u.bits.all(1).sum()) == len(range(0, steps, n))
+    assert torch.equal(nu.bits.sum(0), u.bits.sum(0))
 
 
 def test_fora() -> None:
