@@ -3,7 +3,8 @@
 The bugs sit in the compiler and runtime (``passes/``, ``maskc/runtime.py``,
 ``maskc/backend.py``), in learning (``maskc/rollout.py``, ``maskc/learn.py``'s budget
 projection, ``maskc/refine.py``'s search), in the peers' schedules
-(``maskc/schedules.py``) and in evaluation (``maskc/eval.py``'s FD and paired bootstrap).
+(``maskc/schedules.py``), in evaluation (``maskc/eval.py``'s FD and paired bootstrap) and
+in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``).
 Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
@@ -49,6 +50,7 @@ DIRECT = "tests/test_direct.py"
 PHASES = "tests/test_learn_phases.py"
 SCHED = "tests/test_schedules.py"
 EVAL = "tests/test_eval.py"
+BENCH = "tests/test_bench.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -327,6 +329,32 @@ MUTANTS: tuple[Mutant, ...] = (
            "        mean_b, cov_b = mb(c.flip(0))",
            "FD to the original draws other noises for the original than for the method",
            (EVAL + "::test_fd_between_paired_sets_matches_torchmetrics_on_every_resample",)),
+    # The bench: which peers a learned mask is compared with, and the margins' intervals.
+    Mutant("bench-peer-over-budget", "maskc/bench.py",
+           '            if r is not None and r["macs_fraction"] <= cap + 1e-9:',
+           '            if r is not None and r["macs_fraction"] <= max(caps.values()) + 1e-9:',
+           "every level is given the dearest level's cap: cheap learned masks are compared with dearer peers",
+           (BENCH + "::test_peer_selection_respects_each_level_cap",)),
+    Mutant("bench-picks-worst-member", "maskc/bench.py",
+           '                if j is None or r["psnr"] > records[j]["psnr"]:',
+           '                if j is None or r["psnr"] < records[j]["psnr"]:',
+           "each family is represented by its worst member: every margin flatters the learned mask",
+           (BENCH + "::test_peer_selection_respects_each_level_cap",)),
+    Mutant("bench-psnr-margin-reversed", "maskc/bench.py",
+           "counts @ (psnrs[a] - psnrs[at[id(r)]]).double() / n",
+           "counts @ (psnrs[at[id(r)]] - psnrs[a]).double() / n",
+           "the PSNR margin's interval has the wrong sign: a lead reads as a loss",
+           (BENCH + "::test_paired_intervals_compare_the_right_rows",)),
+    Mutant("bench-peer-group-every-level", "maskc/bench.py",
+           '    return ([r for r in rows if t in (r.get("best_for") or [])]',
+           '    return ([r for r in rows if r.get("best_for")]',
+           "a learned mask is compared with peers chosen for other MACs levels",
+           (BENCH + "::test_paired_intervals_compare_the_right_rows",)),
+    Mutant("bench-fd-margin-unpaired", "maskc/bench.py",
+           '"fd_margin_ci": interval(fd[at[id(r)]] - fd[a])',
+           '"fd_margin_ci": interval(fd[at[id(r)]].roll(1) - fd[a])',
+           "the FD margin's interval pairs different resamples: it no longer cancels the shared noise draw",
+           (BENCH + "::test_paired_intervals_compare_the_right_rows",)),
 )
 
 

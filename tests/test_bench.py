@@ -109,6 +109,40 @@ def test_bench_best_peers(tmp_path) -> None:
     assert len(records) >= n_fit  # every fitting member was scored (plus the δ schedules, from measured δ)
 
 
+def test_peer_selection_respects_each_level_cap() -> None:
+    """With several MACs levels, each level gets, per family, the best-scoring member of no more MACs than
+    that level's mask (a cheaper level never inherits a member chosen under a dearer level's cap)."""
+    from diffusers import DDIMScheduler
+
+    from archs import small_unet
+    from maskc.bench import select_best_peers
+    from maskc.rollout import GenerationCost
+    from maskc.schedules import step_reuse
+
+    model = small_unet()
+    names = maskc.blocks(model)
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(8)
+    x = torch.zeros(1, 2, 8, 8)
+    ex_kwargs = {"timestep": sched.timesteps[0].reshape(1)}
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    levels = [(0.7, step_reuse(names, 8, 2)), (0.4, step_reuse(names, 8, 4))]
+    delta = [0.0, 0.3, 0.1, 0.2, 0.1, 0.4, 0.1, 0.2]
+    chosen, records = select_best_peers(model, names, sched, noise, {}, None, (x,), ex_kwargs, levels, delta)
+    cost = GenerationCost(model, names, maskc.block_graph(model, x, **ex_kwargs, blocks=names), (x,), ex_kwargs)
+    for t, m in levels:
+        cap = cost.fraction(m.bits)
+        mine = [c for c in chosen if t in c["best_for"]]
+        fams = {r["family"] for r in records if r["macs_fraction"] <= cap + 1e-9}
+        assert {c["family"] for c in mine} == fams and len(mine) == len(fams) >= 2, t
+        for c in mine:
+            assert cost.fraction(c["mask"].bits) <= cap + 1e-9, (t, c["method"])
+            best = max(r["psnr"] for r in records if r["family"] == c["family"] and r["macs_fraction"] <= cap + 1e-9)
+            assert c["selection_psnr"] == best
+    assert {c["family"] for c in chosen if 0.7 in c["best_for"]} != set() and any(
+        r["macs_fraction"] > cost.fraction(levels[1][1].bits) + 1e-9 for r in records), "one cap would do"
+
+
 def _measured_fraction(mask_file, steps: int) -> float:
     """FlopCounterMode over a DDIM generation of the shipped U-Net with and without the mask."""
     import torch
