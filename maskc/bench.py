@@ -319,12 +319,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         ids = [("original (full model)", None)] + [(m["method"], _bits_digest(m["mask"])) for m in methods]
         todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
-        ref = part.get_tensor("original") if todo else None
-        if todo and ref is None:
-            t0 = time.perf_counter()
-            ref = sample_all(model, None)
-            log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
-            part.put_tensor("original", ref)
+        ref = None
+        if todo:
+            def sample_original() -> torch.Tensor:
+                t0 = time.perf_counter()
+                x = sample_all(model, None)
+                log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
+                return x
+
+            ref = part.claimed_tensor("original", sample_original, log)
         if todo and todo[0] == 0:
             row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
                    **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
@@ -453,6 +456,27 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     return res
 
 
+def _lock_alive(path: str, stale_s: float) -> bool:
+    """Whether the process named in lock file ``path`` still runs (an empty file: younger than ``stale_s``)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return False
+    if not text:
+        return age < stale_s  # created, pid not yet written
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except ValueError:  # not a pid: trust it only while young
+        return age < stale_s
+    return True
+
+
 class _Partial:
     """Finished pieces of a quality run, one JSON file each under ``folder``/<digest of the run's key>.
 
@@ -488,6 +512,45 @@ class _Partial:
 
         path = os.path.join(self.dir, f"{kind}.safetensors")
         return load_file(path)["x"] if os.path.exists(path) else None
+
+    def claimed_tensor(self, kind: str, make: Callable[[], torch.Tensor], log: Callable[[str], None],
+                       poll: float = 10.0, stale_s: float = 60.0) -> torch.Tensor:
+        """The stored tensor ``kind``, or ``make()`` stored, made by one process at a time.
+
+        Shards that start together would each make the tensor (the original's samples: the
+        longest piece). The first takes ``<kind>.lock`` (created exclusively, holding its pid);
+        the others wait while that process lives, then read what it stored. A lock whose
+        process is gone (killed: nothing stored) is removed and the next waiter makes the tensor.
+        """
+        os.makedirs(self.dir, exist_ok=True)
+        lock = os.path.join(self.dir, f"{kind}.lock")
+        told = False
+        while True:
+            x = self.get_tensor(kind)
+            if x is not None:
+                return x
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _lock_alive(lock, stale_s):
+                    if not told:
+                        log(f"waiting for another process (lock {lock}) to store {kind}")
+                        told = True
+                    time.sleep(poll)
+                else:
+                    try:
+                        os.remove(lock)
+                    except FileNotFoundError:
+                        pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            try:
+                x = make()
+                self.put_tensor(kind, x)
+                return x
+            finally:
+                os.remove(lock)
 
     def put_tensor(self, kind: str, x: torch.Tensor) -> None:
         import tempfile

@@ -355,6 +355,16 @@ MUTANTS: tuple[Mutant, ...] = (
            '"fd_margin_ci": interval(fd[at[id(r)]].roll(1) - fd[a])',
            "the FD margin's interval pairs different resamples: it no longer cancels the shared noise draw",
            (BENCH + "::test_paired_intervals_compare_the_right_rows",)),
+    Mutant("bench-original-claim-not-exclusive", "maskc/bench.py",
+           "                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)",
+           "                fd = os.open(lock, os.O_CREAT | os.O_WRONLY)",
+           "every shard samples the original itself: its longest piece done once per process",
+           (BENCH + "::test_shards_make_the_original_once",)),
+    Mutant("bench-waits-on-a-dead-process", "maskc/bench.py",
+           "    except ProcessLookupError:\n        return False\n",
+           "    except ProcessLookupError:\n        return True\n",
+           "a shard killed while sampling the original leaves a lock every later run waits on forever",
+           (BENCH + "::test_shards_make_the_original_once",)),
 )
 
 

@@ -213,6 +213,58 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert not (sharded / "partial").exists()
 
 
+def test_shards_make_the_original_once(tmp_path) -> None:
+    """Processes that need the original's samples together: one makes them, the others wait and read them;
+    a lock left by a killed process (or an empty, old one) is taken over instead of waited on forever."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from maskc.bench import _Partial
+
+    part = _Partial(str(tmp_path), {"k": 1})
+    made: list[int] = []
+
+    def make() -> torch.Tensor:
+        made.append(1)
+        time.sleep(0.5)
+        return torch.arange(4.0)
+
+    got: list[torch.Tensor] = []
+    logs: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(part.claimed_tensor("original", make, logs.append, poll=0.05)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(got) == 3 and all(torch.equal(g, torch.arange(4.0)) for g in got)
+    assert sum("waiting for another process" in m for m in logs) == 2
+    assert not os.path.exists(os.path.join(part.dir, "original.lock"))
+    # a dead process's lock
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(part.dir, "other.lock"), "w") as f:
+        f.write(str(dead.pid))
+
+    def within(secs: float, **kw) -> float:
+        """Seconds claimed_tensor took; fails (instead of hanging) if it waits past ``secs``."""
+        t0, done = time.time(), []
+        t = threading.Thread(target=lambda: done.append(part.claimed_tensor(make=make, log=logs.append, poll=0.05, **kw)),
+                             daemon=True)
+        t.start()
+        t.join(secs)
+        assert done, f"claimed_tensor({kw}) still waiting after {secs} s"
+        return time.time() - t0
+
+    within(10, kind="other")
+    # an empty lock: waited on while young, taken over once old
+    open(os.path.join(part.dir, "third.lock"), "w").close()
+    assert within(10, kind="third", stale_s=0.4) >= 0.3 and len(made) == 3
+
+
 def test_paired_intervals_compare_the_right_rows() -> None:
     """Intervals pair each learned row with its own peer group, resample by resample: a peer with the
     learned row's very samples has a zero-width FD margin, a PSNR offset of 1 dB a [1, 1] interval."""
