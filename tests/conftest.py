@@ -1,4 +1,6 @@
-"""Hypothesis profiles. No test caps its own examples; the profile decides.
+"""Hypothesis profiles, the one-thread setting, test order, and the planted-bug harness's import check.
+
+A property that takes fewer examples takes a fraction of the profile's count, never a fixed number.
 
 - "ci" (the default): derandomized and bounded, so a red CI is a real bug.
 - "dev": random and several times more examples (HYPOTHESIS_PROFILE=dev pytest).
@@ -31,3 +33,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 0 if item.get_closest_marker("mutation") else 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=rank)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under the planted-bug harness (MASKC_MUTANT_ROOT set), record where maskc was imported from, so the
+    harness can check the tests ran against the mutated copy (tests/mutation.py, check_imports_copy)."""
+    root = os.environ.get("MASKC_MUTANT_ROOT")
+    if not root:
+        return
+    import maskc
+    import maskc.passes.schedule
+    import maskc.runtime
+
+    with open(os.path.join(root, ".maskc-imports-checked"), "w") as f:
+        f.write("\n".join(m.__file__ for m in (maskc, maskc.passes.schedule, maskc.runtime)))
