@@ -195,48 +195,62 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         # 1. Learned masks.
         methods: list[dict[str, Any]] = []
 
-        def learned(target: float, label: str, **kw: Any) -> None:
+        specs: list[tuple[float, str, dict[str, Any]]] = [(t, f"maskc learned, target {t:g}", {}) for t in cfg.targets]
+        if cfg.ablations:
+            mt = cfg.main_target
+            specs += [(mt, f"ablation: stochastic sampling (paper), target {mt:g}", {"sampling": "stochastic"}),
+                      (mt, f"ablation: no loss scaling, target {mt:g}", {"loss_scaling": False}),
+                      (mt, f"ablation: no rectification, target {mt:g}", {"rectify": False}),
+                      (mt, f"ablation: per-step scores only (the paper, no trajectory search), target {mt:g}",
+                       {"refine": "none"}),
+                      (mt, f"ablation: masked cache, no trajectory search (maskc before), target {mt:g}",
+                       {"cache": "masked", "refine": "none"})]
+
+        def where(spec: tuple[float, str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+            """The key a stored mask must carry to be reused, and its file."""
+            target, _, kw = spec
             key = {"target": target, "steps": T, "seed": cfg.seed, "guidance_scale": guidance, **cfg.learn_kwargs, **kw,
                    "code": version}
             tag = "_".join(f"{k}-{v}" for k, v in sorted(kw.items()))
-            fpath = os.path.join(cfg.out, "masks", f"{stem}_learned_{target:g}{'_' + tag if tag else ''}.json")
-            mask, why = None, "relearn requested" if not cfg.reuse_masks else "no stored mask"
+            return key, os.path.join(cfg.out, "masks", f"{stem}_learned_{target:g}{'_' + tag if tag else ''}.json")
+
+        def load(spec: tuple[float, str, dict[str, Any]]) -> maskc.Mask | None:
+            key, fpath = where(spec)
+            if not (cfg.reuse_masks and os.path.exists(fpath)):
+                return None
+            m = maskc.Mask.load(fpath)
+            return m if (m.meta.get("provenance", {}).get("bench_key") or {}) == key else None
+
+        def learn(spec: tuple[float, str, dict[str, Any]]) -> maskc.Mask:
+            target, label, kw = spec
+            key, fpath = where(spec)
+            why = "relearn requested" if not cfg.reuse_masks else "no stored mask"
             if cfg.reuse_masks and os.path.exists(fpath):
-                m = maskc.Mask.load(fpath)
-                stored = m.meta.get("provenance", {}).get("bench_key") or {}
-                if stored == key:
-                    mask, secs = m, m.meta["provenance"]["learning_seconds"]
-                    log(f"reusing {fpath} (same settings and code {version}; learned in {secs:.0f} s)")
-                else:
-                    diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
-                    why = (f"the code changed since it was learned ({stored.get('code')} -> {version})"
-                           if diff == ["code"] else f"settings differ: {', '.join(diff)}")
-            afresh = mask is None
-            if afresh:
-                log(f"learning {label} afresh ({why}) ...")
-                cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if conditional else None
-                uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if conditional else None
-                t0 = time.perf_counter()
-                mask = maskc.learn(model, SAMPLERS[cfg.sampler](), steps=T, sample_shape=shape,
-                                   target=target, seed=cfg.seed, cond=cond, uncond=uncond, guidance_scale=guidance,
-                                   progress=False, **{**cfg.learn_kwargs, **kw})
-                secs = time.perf_counter() - t0
-                mask.meta["provenance"].update({"learning_seconds": secs, "bench_key": key})
-                mask.save(fpath)
+                stored = maskc.Mask.load(fpath).meta.get("provenance", {}).get("bench_key") or {}
+                diff = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+                why = (f"the code changed since it was learned ({stored.get('code')} -> {version})"
+                       if diff == ["code"] else f"settings differ: {', '.join(diff)}")
+            log(f"learning {label} afresh ({why}) ...")
+            cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if conditional else None
+            uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if conditional else None
+            t0 = time.perf_counter()
+            mask = maskc.learn(model, SAMPLERS[cfg.sampler](), steps=T, sample_shape=shape,
+                               target=target, seed=cfg.seed, cond=cond, uncond=uncond, guidance_scale=guidance,
+                               progress=False, **{**cfg.learn_kwargs, **kw})
+            mask.meta["provenance"].update({"learning_seconds": time.perf_counter() - t0, "bench_key": key})
+            mask.save(fpath)
+            return mask
+
+        # Shards started together split the learning (each learns the masks no other process is learning).
+        for spec, (mask, afresh) in zip(specs, _split_work(specs, load, learn, lambda sp: where(sp)[1] + ".lock", log)):
+            target, label, kw = spec
+            fpath = where(spec)[1]
+            secs = mask.meta["provenance"]["learning_seconds"]
+            if not afresh:
+                log(f"reusing {fpath} (same settings and code {version}; learned in {secs:.0f} s)")
             methods.append({"method": label, "family": "maskc" if not kw else "maskc ablation", "mask": mask,
                             "learning_s": secs, "learned_afresh": afresh, "target": target,
                             "file": os.path.relpath(fpath, cfg.out)})
-
-        for tgt in cfg.targets:
-            learned(tgt, f"maskc learned, target {tgt:g}")
-        if cfg.ablations:
-            learned(cfg.main_target, f"ablation: stochastic sampling (paper), target {cfg.main_target:g}", sampling="stochastic")
-            learned(cfg.main_target, f"ablation: no loss scaling, target {cfg.main_target:g}", loss_scaling=False)
-            learned(cfg.main_target, f"ablation: no rectification, target {cfg.main_target:g}", rectify=False)
-            learned(cfg.main_target, f"ablation: per-step scores only (the paper, no trajectory search), target "
-                    f"{cfg.main_target:g}", refine="none")
-            learned(cfg.main_target, f"ablation: masked cache, no trajectory search (maskc before), target "
-                    f"{cfg.main_target:g}", cache="masked", refine="none")
 
         # 2. Peers as masks.
         is_unet = any(n.startswith("up_blocks.") for n in names)
@@ -477,6 +491,59 @@ def _lock_alive(path: str, stale_s: float) -> bool:
     return True
 
 
+def _try_lock(path: str, stale_s: float) -> bool:
+    """Take lock file ``path`` (created exclusively, holding this pid): True if taken, False while another
+    live process holds it. A lock whose process is gone is removed (and False returned: try again)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if not _lock_alive(path, stale_s):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _split_work(items: list, load: Callable[[Any], Any], make: Callable[[Any], Any], lock_of: Callable[[Any], str],
+                log: Callable[[str], None], poll: float = 10.0, stale_s: float = 60.0) -> list[tuple[Any, bool]]:
+    """(result, made here) for each of ``items``, in order: ``load(item)`` if stored, else ``make(item)`` (which
+    stores it) under the lock ``lock_of(item)``.
+
+    Processes that start together (bench shards) share the work: each makes the items no other
+    process is making, skips those locked by a live process, and loads them once stored, so N
+    shards learn N masks at a time instead of each learning all of them.
+    """
+    out: dict[int, tuple[Any, bool]] = {}
+    told: set[int] = set()
+    while len(out) < len(items):
+        progressed = False
+        for i, item in enumerate(items):
+            if i in out:
+                continue
+            got = load(item)
+            if got is not None:
+                out[i], progressed = (got, False), True
+                continue
+            lock = lock_of(item)
+            if _try_lock(lock, stale_s):
+                try:
+                    got = load(item)  # stored between the check and the lock
+                    out[i] = (got, False) if got is not None else (make(item), True)
+                finally:
+                    os.remove(lock)
+                progressed = True
+            elif i not in told and os.path.exists(lock):
+                log(f"another process is making it (lock {lock}); going on with the rest")
+                told.add(i)
+        if not progressed and len(out) < len(items):
+            time.sleep(poll)
+    return [out[i] for i in range(len(items))]
+
+
 class _Partial:
     """Finished pieces of a quality run, one JSON file each under ``folder``/<digest of the run's key>.
 
@@ -529,22 +596,12 @@ class _Partial:
             x = self.get_tensor(kind)
             if x is not None:
                 return x
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _lock_alive(lock, stale_s):
-                    if not told:
-                        log(f"waiting for another process (lock {lock}) to store {kind}")
-                        told = True
-                    time.sleep(poll)
-                else:
-                    try:
-                        os.remove(lock)
-                    except FileNotFoundError:
-                        pass
+            if not _try_lock(lock, stale_s):
+                if not told:
+                    log(f"waiting for another process (lock {lock}) to store {kind}")
+                    told = True
+                time.sleep(poll)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
             try:
                 x = make()
                 self.put_tensor(kind, x)

@@ -356,8 +356,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "the FD margin's interval pairs different resamples: it no longer cancels the shared noise draw",
            (BENCH + "::test_paired_intervals_compare_the_right_rows",)),
     Mutant("bench-original-claim-not-exclusive", "maskc/bench.py",
-           "                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)",
-           "                fd = os.open(lock, os.O_CREAT | os.O_WRONLY)",
+           "        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)",
+           "        fd = os.open(path, os.O_CREAT | os.O_WRONLY)",
            "every shard samples the original itself: its longest piece done once per process",
            (BENCH + "::test_shards_make_the_original_once",)),
     Mutant("bench-waits-on-a-dead-process", "maskc/bench.py",
@@ -365,6 +365,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "    except ProcessLookupError:\n        return True\n",
            "a shard killed while sampling the original leaves a lock every later run waits on forever",
            (BENCH + "::test_shards_make_the_original_once",)),
+    Mutant("bench-learning-unlocked", "maskc/bench.py",
+           "            if _try_lock(lock, stale_s):\n                try:\n                    got = load(item)",
+           "            if True:\n                try:\n                    got = load(item)",
+           "shards started together each learn every mask: the learning phase takes as long as with one process",
+           (BENCH + "::test_shards_split_the_learning",)),
+    Mutant("bench-shards-learn-in-turn", "maskc/bench.py",
+           "            elif i not in told and os.path.exists(lock):",
+           "            else:\n                while os.path.exists(lock):\n                    time.sleep(poll)\n"
+           "                continue\n            if i not in told and os.path.exists(lock):",
+           "a shard waits for the mask another is learning instead of learning the next one",
+           (BENCH + "::test_shards_split_the_learning",)),
 )
 
 

@@ -265,6 +265,42 @@ def test_shards_make_the_original_once(tmp_path) -> None:
     assert within(10, kind="third", stale_s=0.4) >= 0.3 and len(made) == 3
 
 
+def test_shards_split_the_learning(tmp_path) -> None:
+    """Processes that need the same masks together learn each once and share the work: each goes on to
+    the masks no one is learning instead of waiting, and all get every mask, in order."""
+    import threading
+    import time
+
+    from maskc.bench import _split_work
+
+    store: dict[int, str] = {}
+    made: list[tuple[str, int]] = []
+
+    def make(item: int) -> str:
+        made.append((threading.current_thread().name, item))
+        time.sleep(0.3)
+        store[item] = f"mask {item}"
+        return store[item]
+
+    results: dict[str, list] = {}
+
+    def shard(name: str) -> None:
+        results[name] = _split_work([0, 1, 2, 3], store.get, make, lambda i: str(tmp_path / f"{i}.lock"),
+                                    lambda msg: None, poll=0.05)
+
+    threads = [threading.Thread(target=shard, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(i for _, i in made) == [0, 1, 2, 3]  # each learned once
+    assert {n for n, _ in made} == {"a", "b"}  # by both: nobody waited on a mask another was learning
+    for name in ("a", "b"):
+        assert [r for r, _ in results[name]] == [f"mask {i}" for i in range(4)]
+        assert [afresh for _, afresh in results[name]] == [(name, i) in made for i in range(4)]
+    assert not list(tmp_path.glob("*.lock"))
+
+
 def test_paired_intervals_compare_the_right_rows() -> None:
     """Intervals pair each learned row with its own peer group, resample by resample: a peer with the
     learned row's very samples has a zero-width FD margin, a PSNR offset of 1 dB a [1, 1] interval."""
