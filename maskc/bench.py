@@ -261,19 +261,23 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             sel_noise = torch.randn(cfg.select_n, *shape, generator=gs)
             sel_labels = torch.arange(cfg.select_n) % n_classes if conditional else None
             sel_id = [(t, _bits_digest(m)) for t, m in levels]
-            stored = part.get("selection", sel_id)
-            if stored is not None:
-                log(f"reusing the peer selection of an earlier run ({part.dir})")
-                chosen = [{**e, "mask": maskc.Mask.from_dict(e["mask"])} for e in stored["chosen"]]
-                selection = stored["selection"]
-            else:
+            def choose(_: Any) -> dict[str, Any]:
                 log(f"choosing each peer family's best member at {len(levels)} MACs levels on {cfg.select_n} noises ...")
                 chosen, selection = select_best_peers(
                     model, names, s0, sel_noise, kwargs_for(sel_labels), guidance, ex_args,
                     {**ex_kwargs, "timestep": ts[0]}, levels,
                     _delta(model, sched, sel_noise[:8], kwargs_for, sel_labels, guidance, T))
-                part.put("selection", sel_id, {"selection": selection,
-                                               "chosen": [{**e, "mask": e["mask"].to_dict()} for e in chosen]})
+                value = {"selection": selection, "chosen": [{**e, "mask": e["mask"].to_dict()} for e in chosen]}
+                part.put("selection", sel_id, value)
+                return value
+
+            os.makedirs(part.dir, exist_ok=True)  # shards started together: one chooses, the others wait for it
+            ((stored, made),) = _split_work([sel_id], lambda _: part.get("selection", sel_id), choose,
+                                            lambda _: part._path("selection", sel_id) + ".lock", log)
+            if not made:
+                log(f"reusing the peer selection of an earlier run ({part.dir})")
+            chosen = [{**e, "mask": maskc.Mask.from_dict(e["mask"])} for e in stored["chosen"]]
+            selection = stored["selection"]
             methods.extend(chosen)
         elif is_unet:
             for N in cfg.deepcache:
