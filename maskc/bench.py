@@ -261,19 +261,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             sel_noise = torch.randn(cfg.select_n, *shape, generator=gs)
             sel_labels = torch.arange(cfg.select_n) % n_classes if conditional else None
             sel_id = [(t, _bits_digest(m)) for t, m in levels]
-            def choose(_: Any) -> dict[str, Any]:
+            def choose() -> dict[str, Any]:
                 log(f"choosing each peer family's best member at {len(levels)} MACs levels on {cfg.select_n} noises ...")
                 chosen, selection = select_best_peers(
                     model, names, s0, sel_noise, kwargs_for(sel_labels), guidance, ex_args,
                     {**ex_kwargs, "timestep": ts[0]}, levels,
                     _delta(model, sched, sel_noise[:8], kwargs_for, sel_labels, guidance, T))
-                value = {"selection": selection, "chosen": [{**e, "mask": e["mask"].to_dict()} for e in chosen]}
-                part.put("selection", sel_id, value)
-                return value
+                return {"selection": selection, "chosen": [{**e, "mask": e["mask"].to_dict()} for e in chosen]}
 
-            os.makedirs(part.dir, exist_ok=True)  # shards started together: one chooses, the others wait for it
-            ((stored, made),) = _split_work([sel_id], lambda _: part.get("selection", sel_id), choose,
-                                            lambda _: part._path("selection", sel_id) + ".lock", log)
+            # shards started together: one chooses, the others wait for it
+            stored, made = part.claimed("selection", sel_id, choose, log)
             if not made:
                 log(f"reusing the peer selection of an earlier run ({part.dir})")
             chosen = [{**e, "mask": maskc.Mask.from_dict(e["mask"])} for e in stored["chosen"]]
@@ -541,7 +538,7 @@ def _split_work(items: list, load: Callable[[Any], Any], make: Callable[[Any], A
                     os.remove(lock)
                 progressed = True
             elif i not in told and os.path.exists(lock):
-                log(f"another process is making it (lock {lock}); going on with the rest")
+                log(f"waiting for another process (lock {lock}) to store it; going on with the rest meanwhile")
                 told.add(i)
         if not progressed and len(out) < len(items):
             time.sleep(poll)
@@ -593,25 +590,26 @@ class _Partial:
         the others wait while that process lives, then read what it stored. A lock whose
         process is gone (killed: nothing stored) is removed and the next waiter makes the tensor.
         """
+        def make_and_store(_: Any) -> torch.Tensor:
+            x = make()
+            self.put_tensor(kind, x)
+            return x
+
         os.makedirs(self.dir, exist_ok=True)
-        lock = os.path.join(self.dir, f"{kind}.lock")
-        told = False
-        while True:
-            x = self.get_tensor(kind)
-            if x is not None:
-                return x
-            if not _try_lock(lock, stale_s):
-                if not told:
-                    log(f"waiting for another process (lock {lock}) to store {kind}")
-                    told = True
-                time.sleep(poll)
-                continue
-            try:
-                x = make()
-                self.put_tensor(kind, x)
-                return x
-            finally:
-                os.remove(lock)
+        ((x, _),) = _split_work([kind], lambda _: self.get_tensor(kind), make_and_store,
+                                lambda _: os.path.join(self.dir, f"{kind}.lock"), log, poll, stale_s)
+        return x
+
+    def claimed(self, kind: str, ident: Any, make: Callable[[], Any], log: Callable[[str], None]) -> tuple[Any, bool]:
+        """(the stored piece, made here): as ``claimed_tensor``, for a JSON piece (``make()`` returns its value)."""
+        def make_and_store(_: Any) -> Any:
+            value = make()
+            self.put(kind, ident, value)
+            return value
+
+        os.makedirs(self.dir, exist_ok=True)
+        return _split_work([ident], lambda _: self.get(kind, ident), make_and_store,
+                           lambda _: self._path(kind, ident) + ".lock", log)[0]
 
     def put_tensor(self, kind: str, x: torch.Tensor) -> None:
         import tempfile
