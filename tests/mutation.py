@@ -4,7 +4,9 @@ The bugs sit in the compiler and runtime (``passes/``, ``maskc/runtime.py``,
 ``maskc/backend.py``), in learning (``maskc/rollout.py``, ``maskc/learn.py``'s budget
 projection, ``maskc/refine.py``'s search), in the peers' schedules
 (``maskc/schedules.py``), in evaluation (``maskc/eval.py``'s FD and paired bootstrap) and
-in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``).
+in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``), in the mask file
+(``maskc/mask.py``), the shared sampling loop (``maskc/sampling.py``), diffusers pipelines
+(``maskc/pipelines.py``) and the exported runner (``maskc/export.py``).
 Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
@@ -51,6 +53,9 @@ PHASES = "tests/test_learn_phases.py"
 SCHED = "tests/test_schedules.py"
 EVAL = "tests/test_eval.py"
 BENCH = "tests/test_bench.py"
+MASK = "tests/test_mask.py"
+SAMP = "tests/test_sampling.py"
+EXPORT = "tests/test_export.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -376,6 +381,64 @@ MUTANTS: tuple[Mutant, ...] = (
            "                continue\n            if i not in told and os.path.exists(lock):",
            "a shard waits for the mask another is learning instead of learning the next one",
            (BENCH + "::test_shards_split_the_learning",)),
+    # -- the mask file, the sampling loop, pipelines, export ------------------------------
+    Mutant("mask-bits-inverted-on-load", "maskc/mask.py",
+           'bits = torch.tensor([[c == "1" for c in r]', 'bits = torch.tensor([[c == "0" for c in r]',
+           "a saved mask loads as its complement: every block the file runs is skipped",
+           (MASK + "::test_roundtrip",)),
+    Mutant("mask-timesteps-unchecked", "maskc/mask.py",
+           "if abs(float(a) - b) > 1e-6:", "if abs(float(a) - b) > 1e6:",
+           "a mask learned for leading timesteps runs silently on trailing ones (same step count)",
+           (MASK + "::test_scheduler_checks",)),
+    Mutant("mask-fingerprint-ignores-shapes", "maskc/mask.py",
+           '                h.update(f"{pn}{tuple(p.shape)}".encode())\n', "                pass\n",
+           "a mask file without per-block hashes runs on a wider model with the same block names",
+           (MASK + "::test_fingerprint_alone_refuses_other_shapes",)),
+    Mutant("cfg-halves-swapped", "maskc/sampling.py",
+           "    e_c, e_u = out.chunk(2)", "    e_u, e_c = out.chunk(2)",
+           "guidance pushes away from the condition: learning and evaluation sample the wrong images",
+           (SAMP + "::test_guided_noise_matches_two_separate_calls",)),
+    Mutant("generate-mutates-scheduler", "maskc/sampling.py",
+           "    sched = copy.deepcopy(scheduler)\n", "    sched = scheduler\n",
+           "maskc.learn re-times and advances the user's scheduler",
+           (SAMP + "::test_generate_leaves_the_callers_scheduler_as_it_was",)),
+    Mutant("variance-channels-kept", "maskc/sampling.py",
+           "    out = out[:, : x.shape[1]]\n", "",
+           "a learned-variance model (DiT) hands its variance channels to the scheduler as noise",
+           (SAMP + "::test_guided_noise_matches_two_separate_calls",)),
+    Mutant("remove-keeps-step-modules", "maskc/pipelines.py",
+           "    pipe.register_modules(**{name: tm.model})", "    pipe.register_modules(**{name: tm})",
+           "maskc.remove(pipe) leaves the masked backbone in the pipeline",
+           (PIPE + "::test_ddim_pipeline_equals_reference_twice_after_batch_change_and_after_remove",)),
+    Mutant("pipeline-scheduler-swap-unchecked", "maskc/pipelines.py",
+           "            _check_scheduler_class(self._mask, sched)\n", "",
+           "a scheduler swapped in after apply() runs a mask made for another scheduler",
+           (PIPE + "::test_mismatched_schedule_is_refused_before_any_backbone_work",)),
+    Mutant("learn-inputs-uncond-is-cond", "maskc/pipelines.py",
+           "uncond = text(ne, nm) if guided else None", "uncond = text(pe, pm) if guided else None",
+           "learning from a text pipeline guides with the prompt instead of the negative prompt",
+           (PIPE + "::test_learn_inputs_carry_the_pipelines_conditioning",)),
+    Mutant("learn-inputs-dit-null-label", "maskc/pipelines.py",
+           "null = 1000  # DiT", "null = 0  # DiT",
+           "learning from DiTPipeline uses class 0 as the unconditional label",
+           (PIPE + "::test_learn_inputs_carry_the_pipelines_conditioning",)),
+    Mutant("learn-inputs-pixels-as-latents", "maskc/pipelines.py",
+           "(height // vae_f) if height", "height if height",
+           "learning from an LDM pipeline with height= samples latents the VAE factor too tall",
+           (PIPE + "::test_learn_inputs_carry_the_pipelines_conditioning",)),
+    Mutant("export-drops-before-read", "maskc/export.py",
+           "        for b in self._drop_after[i]:\n",
+           "        for b in (self._drop_after[i + 1] if i + 1 < len(self._drop_after) else []) + self._drop_after[i]:\n",
+           "the exported runner frees a cached value one step before its last read",
+           (EXPORT + "::test_unet_matches_eager_at_every_step_of_ddim",)),
+    Mutant("export-reset-keeps-cache", "maskc/export.py",
+           "        self._step = 0\n        self._cache.clear()", "        self._step = 0",
+           "an exported runner reset midway keeps the abandoned generation's cache alive",
+           (EXPORT + "::test_call_convention_overflow_and_refused_inputs",)),
+    Mutant("export-inputs-unchecked", "maskc/export.py",
+           "            if not _leaf_matches(x, rec):", "            if False:",
+           "an exported runner called with another batch size runs programs specialized to the old one",
+           (EXPORT + "::test_call_convention_overflow_and_refused_inputs",)),
 )
 
 

@@ -123,6 +123,9 @@ def test_call_convention_overflow_and_refused_inputs(unet_export) -> None:
         run.reset()
         assert run.step == 0 and run.cache_entries() == []
         run(sample=x, timestep=t)  # keywords bind as they do for the model
+        assert run.cache_entries(), "step 0 caches blocks for later steps"
+        run.reset()  # a generation abandoned midway leaves nothing behind (planted: reset() keeping the cache)
+        assert run.step == 0 and run.cache_entries() == []
 
 
 def test_weights_stored_once(tmp_path) -> None:

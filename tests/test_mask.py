@@ -74,6 +74,21 @@ def test_fingerprint_checks_model(tmp_path) -> None:
         maskc.Mask.load(p).check(b)
 
 
+
+def test_fingerprint_alone_refuses_other_shapes() -> None:
+    """A file that records the fingerprint but no per-block hashes (written by hand or trimmed).
+
+    Planted: the fingerprint hashing block types and names only, not parameter shapes.
+    """
+    a = DiT(input_size=4, hidden_size=16, depth=1, num_heads=2)
+    b = DiT(input_size=4, hidden_size=32, depth=1, num_heads=2)
+    d = maskc.Mask.full(2, maskc.blocks(a)).for_model(a).to_dict()
+    del d["block_hashes"]
+    m = maskc.Mask.from_dict(d)
+    m.check(a)
+    with pytest.raises(maskc.MaskMismatchError, match="fingerprint .* same names, other block types or shapes"):
+        m.check(b)
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -58,9 +58,11 @@ def ddim_pipe() -> DDIMPipeline:
     return _quiet(DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)))
 
 
-def tiny_vae() -> AutoencoderKL:
-    return randomize(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+def tiny_vae(levels: int = 1) -> AutoencoderKL:
+    """``levels`` resolutions: latents are 2 ** (levels - 1) times smaller than images."""
+    return randomize(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * levels,
+                                   down_block_types=("DownEncoderBlock2D",) * levels,
+                                   up_block_types=("UpDecoderBlock2D",) * levels,
                                    layers_per_block=1, norm_num_groups=4, sample_size=8), 1)
 
 
@@ -89,14 +91,14 @@ def tiny_clip() -> tuple[Any, Any]:
     return tok, enc.eval()
 
 
-def sd_pipe(text: bool = False) -> StableDiffusionPipeline:
+def sd_pipe(text: bool = False, vae_levels: int = 1) -> StableDiffusionPipeline:
     """Tiny Stable Diffusion; with ``text`` a tiny CLIP text encoder, else prompt_embeds only."""
     tok, enc = tiny_clip() if text else (None, None)
     unet = randomize(UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4), 2)
-    return _quiet(StableDiffusionPipeline(vae=tiny_vae(), text_encoder=enc, tokenizer=tok, unet=unet,
+    return _quiet(StableDiffusionPipeline(vae=tiny_vae(vae_levels), text_encoder=enc, tokenizer=tok, unet=unet,
                                           scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False))
 
@@ -398,6 +400,9 @@ def test_learn_inputs_carry_the_pipelines_conditioning() -> None:
     assert torch.equal(li["uncond"](3, g)["encoder_hidden_states"], n[[0, 1, 0]])
     li = learn_inputs(sd, prompt_embeds=p, guidance_scale=1.0)  # the pipeline's default steps, no guidance
     assert li["guidance_scale"] is None and li["uncond"] is None and li["steps"] == 50
+    sd4 = sd_pipe(vae_levels=3)  # height and width are in pixels; the U-Net samples latents 4 times smaller
+    assert sd4.vae_scale_factor == 4
+    assert learn_inputs(sd4, prompt_embeds=p, guidance_scale=1.0, height=32, width=16)["sample_shape"] == (4, 8, 4)
     sd = sd_pipe(text=True)
     li = learn_inputs(sd, prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], guidance_scale=2.0)
     want_p, want_n = sd.encode_prompt(["a cat", "a dog"], "cpu", 1, True, ["blurry", "dark"])

@@ -48,3 +48,21 @@ def test_compiled_mask_in_a_guided_generation_is_exact() -> None:
     b1 = generate(tm, s, x, 5, kw, 2.0, reset=tm.reset)
     b2 = generate(tm, s, x, 5, kw, 2.0, reset=tm.reset)  # reset per generation: same result again
     assert torch.equal(b1, want) and torch.equal(b2, want) and not torch.equal(want, a)
+
+
+def test_generate_leaves_the_callers_scheduler_as_it_was() -> None:
+    """learn, eval and the demo pass the user's scheduler; sampling must not re-time it or advance its state.
+
+    Planted: generate() stepping the caller's scheduler instead of a copy.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    m = small_dit()
+    x = torch.randn(2, 1, 8, 8)
+    kw = {"class_labels": torch.tensor([1, 2])}
+    for s in (DDIMScheduler(num_train_timesteps=1000), DPMSolverMultistepScheduler(num_train_timesteps=1000)):
+        s.set_timesteps(10)
+        before = (s.timesteps.clone(), getattr(s, "step_index", None))
+        a = generate(m, s, x, 5, kw)
+        assert torch.equal(s.timesteps, before[0]) and getattr(s, "step_index", None) == before[1], type(s).__name__
+        assert torch.equal(generate(m, s, x, 5, kw), a)  # and the next generation sees the same schedule
