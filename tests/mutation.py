@@ -6,7 +6,8 @@ projection, ``maskc/refine.py``'s search), in the peers' schedules
 (``maskc/schedules.py``), in evaluation (``maskc/eval.py``'s FD and paired bootstrap) and
 in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``), in the mask file
 (``maskc/mask.py``), the shared sampling loop (``maskc/sampling.py``), diffusers pipelines
-(``maskc/pipelines.py``) and the exported runner (``maskc/export.py``).
+(``maskc/pipelines.py``), the exported runner (``maskc/export.py``) and block selection
+(``passes/blocks.py``).
 Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
@@ -439,6 +440,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "            if not _leaf_matches(x, rec):", "            if False:",
            "an exported runner called with another batch size runs programs specialized to the old one",
            (EXPORT + "::test_call_convention_overflow_and_refused_inputs",)),
+    Mutant("blocks-nest", "passes/blocks.py",
+           '        if not any(n.startswith(c + ".") for c in chosen):', "        if True:",
+           "maskc.blocks(types=...) with types that nest selects a block and a module inside it",
+           (RT + "::test_blocks_by_type_are_outermost_and_subclasses_inherit",)),
+    Mutant("blocks-rule-exact-class", "passes/blocks.py",
+           "    for cls in type(model).__mro__:", "    for cls in type(model).__mro__[:1]:",
+           "a user's subclass of UNet2DModel has no default blocks",
+           (RT + "::test_blocks_by_type_are_outermost_and_subclasses_inherit",)),
+    Mutant("blocks-named-order", "passes/blocks.py",
+           "    return sorted(names, key=first.__getitem__)", "    return list(names)",
+           "a U-Net's blocks listed in named_modules order (up blocks before the mid block): masks' columns "
+           "and the learner's order of blocks are not the order they run in",
+           (RT + "::test_blocks_in_execution_order",)),
 )
 
 

@@ -164,6 +164,22 @@ def test_blocks_overrides_and_errors(unet) -> None:
         maskc.blocks(torch.nn.Linear(2, 2))
 
 
+def test_blocks_by_type_are_outermost_and_subclasses_inherit(unet) -> None:
+    """Planted: types that nest (a Conv2d inside a ResnetBlock2D) both selected; the table keyed on the exact class."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    names = maskc.blocks(unet, types=(ResnetBlock2D, torch.nn.Conv2d))
+    assert not [(a, b) for a in names for b in names if b.startswith(a + ".")]
+    assert "conv_in" in names and "down_blocks.0.resnets.0" in names
+    assert "down_blocks.0.resnets.0.conv1" not in names
+
+    class MyUNet(UNet2DModel):  # a user's subclass keeps its parent's default blocks
+        pass
+
+    sub = MyUNet(**unet.config)
+    assert maskc.blocks(sub) == maskc.blocks(unet)
+
+
 def test_blocks_in_execution_order() -> None:
     from diffusers import UNet2DConditionModel
 
