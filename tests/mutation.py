@@ -11,9 +11,11 @@ in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``), in the ma
 Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
-plants one bug there, puts the copy first on ``PYTHONPATH`` (checked: the tests import
-the copy) and runs pytest on the mutant's tests with ``-x`` under the "mutation"
-hypothesis profile (no shrinking). A mutant is *killed* when pytest fails.
+plants one bug there, puts the copy first on ``PYTHONPATH`` and ``sys.path`` (checked:
+the tests import the copy) and runs pytest on the mutant's tests with ``-x`` under the
+"mutation" hypothesis profile (no shrinking), in a child forked from a server that has
+imported torch, diffusers and the rest once (``MASKC_MUTANT_FORK=0``: a fresh interpreter
+per mutant, five times slower). A mutant is *killed* when pytest fails.
 
 - ``tests/test_mutants.py`` runs every mutant against its own ``tests`` (what CI runs);
 - ``python benchmarks/bench_mutation.py`` runs every mutant against the whole fast suite and
@@ -21,11 +23,15 @@ hypothesis profile (no shrinking). A mutant is *killed* when pytest fails.
 """
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -522,6 +528,100 @@ class Result:
     tail: str
 
 
+# A pytest run per mutant spends most of its time importing torch, diffusers, transformers and
+# inductor. A fork server imports them once (never maskc) and forks a child per run, which
+# chdirs into the copy, puts it first on sys.path and runs pytest.main there: the same
+# isolation as a fresh interpreter (each child starts from the same untouched parent), at a
+# fraction of the start-up. MASKC_MUTANT_FORK=0 runs each mutant in a fresh interpreter.
+_FORK_SERVER = r"""
+import json, os, signal, sys, traceback
+import numpy, torch, networkx, hypothesis, pytest, safetensors
+import diffusers
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+import torch._dynamo, torch._inductor.compile_fx, torch.export, torch.fx
+import timm, torchmetrics, transformers
+from transformers import CLIPTextModel, CLIPTokenizer
+assert not any(k == "maskc" or k.startswith("maskc.") for k in sys.modules), "the server must not import maskc"
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.clear()
+            os.environ.update(req["env"])
+            os.chdir(req["cwd"])
+            sys.path.insert(0, req["cwd"])
+            signal.alarm(max(1, int(req["timeout"])))  # its default action ends the child
+            code = int(pytest.main(req["args"]))
+            signal.alarm(0)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+_servers = threading.local()
+_started: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _stop_servers() -> None:
+    for srv in _started:  # end of input ends a server's loop
+        if srv.stdin is not None and not srv.stdin.closed:
+            srv.stdin.close()
+        try:
+            srv.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+
+
+def _fork_server() -> subprocess.Popen | None:
+    """This thread's fork server (started on first use), or None where it cannot run."""
+    if os.environ.get("MASKC_MUTANT_FORK", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    srv = getattr(_servers, "proc", None)
+    if srv is not None and srv.poll() is None:
+        return srv
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS", "MASKC_MUTANT_ROOT")}
+    srv = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True, cwd=tempfile.gettempdir(), env=env)
+    if srv.stdout is None or srv.stdout.readline().strip() != "ready":
+        srv.kill()
+        return None
+    _servers.proc = srv
+    _started.append(srv)
+    return srv
+
+
+def _run_forked(args: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[str, int] | None:
+    """pytest ``args`` in a child of the fork server: (output, exit code; -1 on timeout), or None if no server."""
+    srv = _fork_server()
+    if srv is None:
+        return None
+    out_path = os.path.join(cwd, ".pytest-output")
+    try:
+        assert srv.stdin is not None and srv.stdout is not None
+        srv.stdin.write(json.dumps({"args": args, "env": env, "cwd": cwd, "out": out_path, "timeout": timeout}) + "\n")
+        srv.stdin.flush()
+        code = int(json.loads(srv.stdout.readline())["code"])
+    except (OSError, ValueError, KeyError):
+        srv.kill()
+        return None
+    with open(out_path, errors="replace") as f:
+        out = f.read()
+    if code == -signal.SIGALRM:
+        return f"{out}\ntimed out after {timeout} s", -1
+    return out, code
+
+
 def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900,
                planter: Callable[[str], None] | None = None) -> Result:
     """Plant ``m`` (None: no bug, the baseline) in a copy and run ``tests`` with -x.
@@ -538,11 +638,17 @@ def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900,
         # -o addopts replaces the copied pyproject's addopts (--durations would fill the tail kept for survivors)
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=-p no:cacheprovider", "-m", "not mutation",
                "--no-header", "-rf", *tests]
-        try:
-            r = subprocess.run(cmd, env=_env(pkg), cwd=pkg, capture_output=True, text=True, timeout=timeout)
-            out, code = r.stdout + r.stderr, r.returncode
-        except subprocess.TimeoutExpired as e:
-            out, code = f"timed out after {timeout} s: {e}", -1
+        # plugins the server imported (anyio, via transformers) are not assertion-rewritten: say nothing about it
+        forked = _run_forked([*cmd[3:-len(tests)], "-W", "ignore::pytest.PytestAssertRewriteWarning", *tests],
+                             _env(pkg), pkg, timeout)
+        if forked is not None:
+            out, code = forked
+        else:
+            try:
+                r = subprocess.run(cmd, env=_env(pkg), cwd=pkg, capture_output=True, text=True, timeout=timeout)
+                out, code = r.stdout + r.stderr, r.returncode
+            except subprocess.TimeoutExpired as e:
+                out, code = f"timed out after {timeout} s: {e}", -1
         secs = time.perf_counter() - t0
         if code != -1:
             check_imports_copy(pkg)
