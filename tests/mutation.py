@@ -539,8 +539,15 @@ import numpy, torch, networkx, hypothesis, pytest, safetensors
 import diffusers
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 import torch._dynamo, torch._inductor.compile_fx, torch.export, torch.fx
-import timm, torchmetrics, transformers
-from transformers import CLIPTextModel, CLIPTokenizer
+for optional in ("timm", "torchmetrics", "transformers"):  # the tests that need them skip without them
+    try:
+        __import__(optional)
+    except ImportError:
+        pass
+try:
+    from transformers import CLIPTextModel, CLIPTokenizer  # lazy modules: load them here, not in each child
+except ImportError:
+    pass
 assert not any(k == "maskc" or k.startswith("maskc.") for k in sys.modules), "the server must not import maskc"
 print("ready", flush=True)
 for line in sys.stdin:
