@@ -459,6 +459,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "a U-Net's blocks listed in named_modules order (up blocks before the mid block): masks' columns "
            "and the learner's order of blocks are not the order they run in",
            (RT + "::test_blocks_in_execution_order",)),
+    Mutant("cli-learn-target-dropped", "maskc/cli.py",
+           "                       target=args.target, seed=args.seed, cond=cond",
+           "                       target=0.6, seed=args.seed, cond=cond",
+           "maskc learn --target 0.7 learns a 0.6 mask", ("tests/test_cli.py::test_learn_from_a_model_folder",)),
+    Mutant("cli-learn-seed-dropped", "maskc/cli.py",
+           "                       target=args.target, seed=args.seed, cond=cond",
+           "                       target=args.target, seed=0, cond=cond",
+           "maskc learn --seed is ignored: every seed gives the same mask", ("tests/test_cli.py::test_learn_from_a_model_folder",)),
+    Mutant("cli-sample-rows-swapped", "maskc/cli.py",
+           '    if mask is None or args.compare:\n        variants.append(("original", model))\n'
+           '    if mask is not None:\n        variants.append(("maskc", maskc.compile(model, mask)))\n',
+           '    if mask is not None:\n        variants.append(("maskc", maskc.compile(model, mask)))\n'
+           '    if mask is None or args.compare:\n        variants.append(("original", model))\n',
+           "maskc sample --compare puts the masked row on top, where the picture says the original is",
+           ("tests/test_cli.py::test_sample_applies_the_mask",)),
 )
 
 

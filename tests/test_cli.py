@@ -260,10 +260,14 @@ LEARN_FAST = ["--steps", "3", "--batch", "2", "--iters", "2", "--search-evals", 
 
 def test_learn_from_a_model_folder(folder, tmp_path) -> None:
     out = tmp_path / "learned.json"
-    assert main(["learn", "--model", str(folder / "unet"), "--out", str(out), *LEARN_FAST]) == 0
+    assert main(["learn", "--model", str(folder / "unet"), "--out", str(out), "--seed", "3", *LEARN_FAST]) == 0
     m = maskc.Mask.load(out)
     assert m.steps == 3 and m.names == maskc.Mask.load(folder / "mask.json").names
     m.check(tiny_unet())
+    prov = m.meta["provenance"]  # the flags reach learn (planted: --target and --seed dropped on the way)
+    assert prov["config"]["target"] == 0.7 and prov["seed"] == 3 and prov["config"]["search_batch"] == 2
+    lo, hi = prov["budget_window"]
+    assert abs(lo - 0.67) < 1e-9 and abs(hi - 0.71) < 1e-9 and lo <= prov["macs_fraction"] <= hi
 
 
 def _pipeline_learn_landed() -> bool:
