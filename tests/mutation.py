@@ -6,8 +6,8 @@ projection, ``maskc/refine.py``'s search), in the peers' schedules
 (``maskc/schedules.py``), in evaluation (``maskc/eval.py``'s FD and paired bootstrap) and
 in ``maskc bench``'s choice of peers and margins (``maskc/bench.py``), in the mask file
 (``maskc/mask.py``), the shared sampling loop (``maskc/sampling.py``), diffusers pipelines
-(``maskc/pipelines.py``), the exported runner (``maskc/export.py``) and block selection
-(``passes/blocks.py``).
+(``maskc/pipelines.py``), the exported runner (``maskc/export.py``), block selection
+(``passes/blocks.py``), the command line (``maskc/cli.py``) and the diff page (``maskc/diff.py``).
 Each ``Mutant`` replaces one exact snippet of one file (the
 snippet must occur exactly once, so a mutant that no longer applies fails loudly
 instead of passing silently). The harness copies the package to a temporary folder,
@@ -474,6 +474,10 @@ MUTANTS: tuple[Mutant, ...] = (
            '    if mask is None or args.compare:\n        variants.append(("original", model))\n',
            "maskc sample --compare puts the masked row on top, where the picture says the original is",
            ("tests/test_cli.py::test_sample_applies_the_mask",)),
+    Mutant("diff-dead-blocks-shown-running", "maskc/diff.py",
+           "(CACHED if not on else RUNS if b in run else DEAD)", "(CACHED if not on else RUNS)",
+           "the diff page draws blocks that dead-code elimination removed as running",
+           ("tests/test_diff.py::test_page_names_every_skipped_block_as_cached",)),
 )
 
 
