@@ -478,6 +478,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "(CACHED if not on else RUNS if b in run else DEAD)", "(CACHED if not on else RUNS)",
            "the diff page draws blocks that dead-code elimination removed as running",
            ("tests/test_diff.py::test_page_names_every_skipped_block_as_cached",)),
+    Mutant("rectify-demand-sticks", "passes/rectify.py",
+           "                needed[b] = need\n                pending[b] = False\n", "                needed[b] = need\n",
+           "a cached read keeps every earlier run of the block alive, not only the latest: dead runs are kept",
+           (INV,)),
+    Mutant("rectify-drops-first-run", "passes/rectify.py",
+           "                    need = True  # keep", "                    need = False  # keep",
+           "rectify removes a block's first run although later steps skip it: they read an empty cache",
+           ("tests/test_rectify.py::test_first_run_of_a_later_skipped_block_is_kept_even_when_dead",)),
 )
 
 

@@ -135,3 +135,21 @@ def test_coarse_blocks_dead_branch_not_run() -> None:
     g = maskc.block_graph(m, torch.randn(1, 2, 8, 8), torch.tensor(1), blocks=names)
     r = maskc.rectify(maskc.Mask(bits, names), g)
     assert r.bits[1].tolist() == [True, False, False, False, True]
+
+
+def test_first_run_of_a_later_skipped_block_is_kept_even_when_dead() -> None:
+    """A block whose output nothing reads (here ``b``) loses every run but the first one that later rows skip:
+    a skipped block must have run before (the empty-cache rule), so rectifying never makes a mask invalid.
+
+    Planted: the first run dropped with the others (the tests on real models never reach it: every block
+    runs at row 0 there, and every block of a full step feeds the output).
+    """
+    from maskc.passes.rectify import rectify_bits
+
+    g = nx.DiGraph([("input", "a"), ("a", "output"), ("input", "b")])
+    bits = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0]], dtype=torch.bool)
+    out, changes = rectify_bits(bits, ["a", "b"], g)
+    assert out[:, 0].all() and out[:, 1].tolist() == [True, False, False, False]
+    assert [(c.step, c.block, c.turned, c.rule) for c in changes] == [(2, "b", "off", "dead")]
+    again, more = rectify_bits(out, ["a", "b"], g)
+    assert torch.equal(again, out) and more == []
