@@ -561,7 +561,7 @@ class Result:
 # isolation as a fresh interpreter (each child starts from the same untouched parent), at a
 # fraction of the start-up. MASKC_MUTANT_FORK=0 runs each mutant in a fresh interpreter.
 _FORK_SERVER = r"""
-import json, os, signal, sys, traceback
+import atexit, json, os, signal, sys, traceback
 import numpy, torch, networkx, hypothesis, pytest, safetensors
 import diffusers
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
@@ -596,9 +596,12 @@ for line in sys.stdin:
         except BaseException:
             traceback.print_exc()
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                atexit._run_exitfuncs()  # what an interpreter's exit runs (inductor stops its compile workers)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
 """
