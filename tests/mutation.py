@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -607,6 +608,7 @@ for line in sys.stdin:
 """
 _servers = threading.local()
 _started: list[subprocess.Popen] = []
+_broken: list[str] = []  # why a server could not start: then every later run takes the slow path at once
 
 
 @atexit.register
@@ -622,7 +624,7 @@ def _stop_servers() -> None:
 
 def _fork_server() -> subprocess.Popen | None:
     """This thread's fork server (started on first use), or None where it cannot run."""
-    if os.environ.get("MASKC_MUTANT_FORK", "1") == "0" or not hasattr(os, "fork"):
+    if os.environ.get("MASKC_MUTANT_FORK", "1") == "0" or not hasattr(os, "fork") or _broken:
         return None
     srv = getattr(_servers, "proc", None)
     if srv is not None and srv.poll() is None:
@@ -632,6 +634,9 @@ def _fork_server() -> subprocess.Popen | None:
                            text=True, cwd=tempfile.gettempdir(), env=env)
     if srv.stdout is None or srv.stdout.readline().strip() != "ready":
         srv.kill()
+        srv.wait()
+        _broken.append("the fork server did not start (its error is on stderr above)")
+        warnings.warn(f"planted-bug harness: {_broken[0]}; each mutant runs in a fresh interpreter, five times slower")
         return None
     _servers.proc = srv
     _started.append(srv)
@@ -649,8 +654,11 @@ def _run_forked(args: list[str], env: dict[str, str], cwd: str, timeout: float) 
         srv.stdin.write(json.dumps({"args": args, "env": env, "cwd": cwd, "out": out_path, "timeout": timeout}) + "\n")
         srv.stdin.flush()
         code = int(json.loads(srv.stdout.readline())["code"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError) as e:
         srv.kill()
+        srv.wait()
+        warnings.warn(f"planted-bug harness: the fork server died ({type(e).__name__}: {e}); this mutant runs in a "
+                      "fresh interpreter and the next one starts a new server")
         return None
     with open(out_path, errors="replace") as f:
         out = f.read()
