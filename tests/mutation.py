@@ -622,6 +622,14 @@ def _stop_servers() -> None:
             srv.kill()
 
 
+def _discard(srv: subprocess.Popen) -> None:
+    srv.kill()
+    srv.wait()
+    for pipe in (srv.stdin, srv.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 def _fork_server() -> subprocess.Popen | None:
     """This thread's fork server (started on first use), or None where it cannot run."""
     if os.environ.get("MASKC_MUTANT_FORK", "1") == "0" or not hasattr(os, "fork") or _broken:
@@ -633,8 +641,7 @@ def _fork_server() -> subprocess.Popen | None:
     srv = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            text=True, cwd=tempfile.gettempdir(), env=env)
     if srv.stdout is None or srv.stdout.readline().strip() != "ready":
-        srv.kill()
-        srv.wait()
+        _discard(srv)
         _broken.append("the fork server did not start (its error is on stderr above)")
         warnings.warn(f"planted-bug harness: {_broken[0]}; each mutant runs in a fresh interpreter, five times slower")
         return None
@@ -655,8 +662,7 @@ def _run_forked(args: list[str], env: dict[str, str], cwd: str, timeout: float) 
         srv.stdin.flush()
         code = int(json.loads(srv.stdout.readline())["code"])
     except (OSError, ValueError, KeyError) as e:
-        srv.kill()
-        srv.wait()
+        _discard(srv)
         warnings.warn(f"planted-bug harness: the fork server died ({type(e).__name__}: {e}); this mutant runs in a "
                       "fresh interpreter and the next one starts a new server")
         return None
