@@ -590,26 +590,24 @@ class _Partial:
         the others wait while that process lives, then read what it stored. A lock whose
         process is gone (killed: nothing stored) is removed and the next waiter makes the tensor.
         """
-        def make_and_store(_: Any) -> torch.Tensor:
-            x = make()
-            self.put_tensor(kind, x)
-            return x
-
-        os.makedirs(self.dir, exist_ok=True)
-        ((x, _),) = _split_work([kind], lambda _: self.get_tensor(kind), make_and_store,
-                                lambda _: os.path.join(self.dir, f"{kind}.lock"), log, poll, stale_s)
-        return x
+        return self._claim(os.path.join(self.dir, f"{kind}.lock"), lambda: self.get_tensor(kind),
+                           lambda x: self.put_tensor(kind, x), make, log, poll, stale_s)[0]
 
     def claimed(self, kind: str, ident: Any, make: Callable[[], Any], log: Callable[[str], None]) -> tuple[Any, bool]:
         """(the stored piece, made here): as ``claimed_tensor``, for a JSON piece (``make()`` returns its value)."""
+        return self._claim(self._path(kind, ident) + ".lock", lambda: self.get(kind, ident),
+                           lambda v: self.put(kind, ident, v), make, log)
+
+    def _claim(self, lock: str, load: Callable[[], Any], store: Callable[[Any], None], make: Callable[[], Any],
+               log: Callable[[str], None], poll: float = 10.0, stale_s: float = 60.0) -> tuple[Any, bool]:
+        """One piece through ``_split_work``: (loaded or made-and-stored value, made here)."""
         def make_and_store(_: Any) -> Any:
             value = make()
-            self.put(kind, ident, value)
+            store(value)
             return value
 
         os.makedirs(self.dir, exist_ok=True)
-        return _split_work([ident], lambda _: self.get(kind, ident), make_and_store,
-                           lambda _: self._path(kind, ident) + ".lock", log)[0]
+        return _split_work([lock], lambda _: load(), make_and_store, lambda _: lock, log, poll, stale_s)[0]
 
     def put_tensor(self, kind: str, x: torch.Tensor) -> None:
         import tempfile

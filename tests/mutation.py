@@ -687,11 +687,10 @@ def run_mutant(m: Mutant | None, tests: tuple[str, ...], timeout: float = 900,
             plant(pkg, m)
         t0 = time.perf_counter()
         # -o addopts replaces the copied pyproject's addopts (--durations would fill the tail kept for survivors)
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=-p no:cacheprovider", "-m", "not mutation",
-               "--no-header", "-rf", *tests]
+        opts = ["-x", "-q", "-o", "addopts=-p no:cacheprovider", "-m", "not mutation", "--no-header", "-rf"]
+        cmd = [sys.executable, "-m", "pytest", *opts, *tests]
         # plugins the server imported (anyio, via transformers) are not assertion-rewritten: say nothing about it
-        forked = _run_forked([*cmd[3:-len(tests)], "-W", "ignore::pytest.PytestAssertRewriteWarning", *tests],
-                             _env(pkg), pkg, timeout)
+        forked = _run_forked([*opts, "-W", "ignore::pytest.PytestAssertRewriteWarning", *tests], _env(pkg), pkg, timeout)
         if forked is not None:
             out, code = forked
         else:
