@@ -487,6 +487,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "                    need = True  # keep", "                    need = False  # keep",
            "rectify removes a block's first run although later steps skip it: they read an empty cache",
            ("tests/test_rectify.py::test_first_run_of_a_later_skipped_block_is_kept_even_when_dead",)),
+    Mutant("isolated-run-erases-first-run", "passes/rectify.py",
+           "if alone_in_time and alone_in_depth and ran_before[i, j]:", "if alone_in_time and alone_in_depth:",
+           "the isolated-run heuristic turns off a block's first run, leaving later reads an empty cache",
+           ("tests/test_rectify.py::test_heuristic_rules_keep_a_blocks_first_run",)),
+    Mutant("stage-skipped-erases-first-run", "passes/rectify.py",
+           "if len(cols) > 1 and len(on) == 1 and ran_before[i, on[0]]:", "if len(cols) > 1 and len(on) == 1:",
+           "the stage-skipped heuristic turns off a block's first run, leaving later reads an empty cache",
+           ("tests/test_rectify.py::test_heuristic_rules_keep_a_blocks_first_run",)),
 )
 
 

@@ -153,3 +153,27 @@ def test_first_run_of_a_later_skipped_block_is_kept_even_when_dead() -> None:
     assert [(c.step, c.block, c.turned, c.rule) for c in changes] == [(2, "b", "off", "dead")]
     again, more = rectify_bits(out, ["a", "b"], g)
     assert torch.equal(again, out) and more == []
+
+
+def test_heuristic_rules_keep_a_blocks_first_run() -> None:
+    """A run the heuristics would remove is kept when the block never ran before it: removing it would
+    leave the cache it is read from empty, so the exact pass would have to turn a run on.
+
+    Planted: the ``ran_before`` guard dropped from either rule.
+    """
+    from maskc.passes.rectify import heuristic_bits
+
+    names = ["up_blocks.0.a", "up_blocks.0.b", "up_blocks.1.c", "up_blocks.1.d", "up_blocks.1.e"]
+    bits = torch.ones(5, 5, dtype=torch.bool)
+    bits[[0, 2], 2] = False  # c first runs at step 1, alone in time ...
+    bits[1, [1, 3]] = False  # ... and in depth: isolated, but never ran before
+    bits[3, 2] = False
+    bits[2:4, 4] = False  # step 3: c and e skipped ...
+    bits[3, 3] = True  # ... d alone in its stage at step 3 (it ran before: stage-skipped)
+    bits[0, 0] = False  # a first runs at step 1, where b is skipped: alone in its stage
+    out, changes = heuristic_bits(bits, names, ("isolated-run", "stage-skipped"))
+    got = {(c.step, c.block, c.rule) for c in changes}
+    assert out[1, 2] and out[1, 0], "a first run was turned off"
+    assert (3, "up_blocks.1.d", "stage-skipped") in got
+    assert not any(s == 1 for s, _, _ in got)
+    assert not (out & ~bits).any()
