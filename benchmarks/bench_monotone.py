@@ -42,10 +42,13 @@ TABLES = ("unet_ddim20", "unet_dpmpp10", "unet_ddim50", "dit_ddim20", "dit_dpmpp
           "sd_ddim20", "sd_dpmpp10", "sd_ddim50")
 
 
-def check_table(stem: str, results: str, n: int = 16) -> list[dict]:
-    """One row per pair of learned levels (a < b) of ``bench_<stem>``: the three masks' PSNRs."""
-    res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
-    cfg = res["config"]
+def table_context(cfg: dict, n: int, seed: int) -> dict:
+    """A bench table's model, sampler and conditioning as its bench used them, on n noises drawn from ``seed``.
+
+    Keys: model, cond_of (labels -> model kwargs), n_classes (None: unconditional), guidance,
+    shape, sched (timesteps set), noise, call_kw (the [cond; uncond] kwargs of the noises),
+    ex_args and ex_kwargs (a batch-1 example call for tracing).
+    """
     model, path = load_pretrained(cfg["model"])
     model.float()
     kind = type(model).__name__
@@ -61,7 +64,7 @@ def check_table(stem: str, results: str, n: int = 16) -> list[dict]:
 
     sched = SAMPLERS[cfg["sampler"]]()
     sched.set_timesteps(cfg["steps"])
-    g = torch.Generator().manual_seed(4321 + cfg["seed"])
+    g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, *shape, generator=g)
     call_kw: dict = {}
     ex_kwargs: dict = {"timestep": sched.timesteps[0].reshape(1)}
@@ -69,7 +72,17 @@ def check_table(stem: str, results: str, n: int = 16) -> list[dict]:
         labels = torch.arange(n) % n_classes
         call_kw = stack_kwargs(cond_of(labels), cond_of(torch.full_like(labels, n_classes)))
         ex_kwargs.update(cond_of(torch.zeros(1, dtype=torch.long)))
-    ex_args = (torch.zeros(1, *shape),)
+    return dict(model=model, cond_of=cond_of, n_classes=n_classes, guidance=guidance, shape=shape, sched=sched,
+                noise=noise, call_kw=call_kw, ex_args=(torch.zeros(1, *shape),), ex_kwargs=ex_kwargs)
+
+
+def check_table(stem: str, results: str, n: int = 16) -> list[dict]:
+    """One row per pair of learned levels (a < b) of ``bench_<stem>``: the three masks' PSNRs."""
+    res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
+    cfg = res["config"]
+    ctx = table_context(cfg, n, 4321 + cfg["seed"])
+    model, sched, guidance, ex_args, ex_kwargs = (ctx[k] for k in ("model", "sched", "guidance", "ex_args", "ex_kwargs"))
+    noise, call_kw = ctx["noise"], ctx["call_kw"]
     learned = sorted((r for r in res["rows"] if r["family"] == "maskc"), key=lambda r: r["target"])
     masks = {r["target"]: maskc.Mask.load(os.path.join(results, r["mask_file"])) for r in learned}
     names = list(next(iter(masks.values())).names)

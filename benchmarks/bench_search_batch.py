@@ -1,0 +1,186 @@
+"""Does the trajectory search choose better with more calibration noises or more evaluations?
+
+The search scores candidate masks on ``search_batch`` = 8 noises and stops after
+``search_evals`` = 150 masks. Where the bench tables miss the +0.5 dB goal over the best
+peer, this script relearns the level with larger settings (every other setting as the
+bench learns it: its model, sampler, steps, seed, guidance and budget) and scores the
+stored default mask, each relearned mask and every peer the bench kept at that level on
+noises neither learning nor the tables use (seed 999, ``--n``, labels i % 10, guidance
+as in the bench). Each sample's PSNR is against the original's from the same noise;
+margins carry 95% paired-bootstrap intervals over those noises.
+
+Usage: python benchmarks/bench_search_batch.py [--cases unet_ddim20:0.5 dit_dpmpp10:0.5]
+           [--settings 16,150 32,150 8,300] [--n 64] [--threads 1]
+       python benchmarks/bench_search_batch.py --render   (search_batch.md again from search_batch.json)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import torch
+
+import maskc
+from maskc.bench import SAMPLERS, code_version
+from maskc.rollout import GenerationCost, Rollout
+
+from bench_monotone import table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _bootstrap(diff: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of the mean of ``diff`` over resamples of its entries (paired: one index set per resample)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (resamples, len(diff)), generator=g)
+    means = diff[idx].mean(1)
+    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
+def check_case(stem: str, target: float, settings: list[tuple[int, int]], results: str, n: int,
+               log=print) -> dict:
+    """The stored mask, the masks relearned under ``settings`` and the bench's peers at ``target``, scored on n noises."""
+    res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
+    cfg = res["config"]
+    ctx = table_context(cfg, n, 999)
+    model, cond_of, n_classes, guidance, shape = (ctx[k] for k in ("model", "cond_of", "n_classes", "guidance", "shape"))
+    T = cfg["steps"]
+
+    learned_row = next(r for r in res["rows"] if r["family"] == "maskc" and r["target"] == target)
+    stored = maskc.Mask.load(os.path.join(results, learned_row["mask_file"]))
+    key = stored.meta["provenance"].get("bench_key", {})
+    if key.get("code") != code_version():
+        raise SystemExit(f"{learned_row['mask_file']} was learned by code {key.get('code')}, not today's "
+                         f"{code_version()}: rerun the bench first")
+    masks = {"stored (search_batch 8, search_evals 150)": stored.bits}
+    seconds = {"stored (search_batch 8, search_evals 150)": stored.meta["provenance"].get("learning_seconds")}
+    same: dict[str, bool] = {}  # relearned bits equal to the stored mask's (search_batch 8, search_evals 150: a control)
+    for sb, ev in settings:
+        label = f"relearned (search_batch {sb}, search_evals {ev})"
+        cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if n_classes is not None else None
+        uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if n_classes is not None else None
+        t0 = time.perf_counter()
+        m = maskc.learn(model, SAMPLERS[cfg["sampler"]](), steps=T, sample_shape=shape, target=target,
+                        seed=cfg["seed"], cond=cond, uncond=uncond, guidance_scale=guidance, progress=False,
+                        search_batch=sb, search_evals=ev)
+        seconds[label] = time.perf_counter() - t0
+        masks[label] = m.bits
+        same[label] = bool(torch.equal(m.bits, stored.bits))
+        log(f"bench_{stem} {target:g}: {label} in {seconds[label]:.0f} s")
+    peers = {r["method"]: maskc.Mask.load(os.path.join(results, r["mask_file"])).bits
+             for r in res["rows"] if target in (r.get("best_for") or [])}
+
+    sched, noise, call_kw, ex_args, ex_kwargs = (ctx[k] for k in ("sched", "noise", "call_kw", "ex_args", "ex_kwargs"))
+    names = list(stored.names)
+    graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
+    cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
+    roll = Rollout(model, names, sched, noise, call_kw, guidance, "timestep")
+
+    def per_sample(bits: torch.Tensor) -> torch.Tensor:
+        img = roll.final(cost.rectify(bits))
+        mse = (img.double() - roll.reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        return 10 * torch.log10(1 / mse)
+
+    scored = {k: (per_sample(b), cost.fraction(b)) for k, b in {**masks, **peers}.items()}
+    best_peer = max(peers, key=lambda k: float(scored[k][0].mean()))
+    base = scored["stored (search_batch 8, search_evals 150)"][0]
+    rows = []
+    for k, (p, f) in scored.items():
+        rows.append({"method": k, "kind": "learned" if k in masks else "peer", "macs": f, "psnr": float(p.mean()),
+                     "learning_s": seconds.get(k), "same_bits_as_stored": same.get(k),
+                     "over_stored": None if k not in masks or p is base else float((p - base).mean()),
+                     "over_stored_ci": None if k not in masks or p is base else _bootstrap(p - base),
+                     "over_best_peer": float((p - scored[best_peer][0]).mean()) if k in masks else None,
+                     "over_best_peer_ci": _bootstrap(p - scored[best_peer][0]) if k in masks else None})
+    return {"table": f"bench_{stem}", "model": cfg["model"], "sampler": f"{cfg['sampler']} {T}", "target": target,
+            "best_peer": best_peer, "rows": rows}
+
+
+def render(meta: dict, cases: list[dict]) -> str:
+    """search_batch.md from the JSON's cases."""
+    lines = [
+        "# The trajectory search with more calibration noises or more evaluations",
+        "",
+        f"Made by `python benchmarks/bench_search_batch.py` (each case's command below), last on {meta['date']}: "
+        f"{meta['machine']}, {meta['threads']} thread(s), torch {meta['torch']}, code version "
+        f"{meta['code_version']}. Each case is a bench "
+        "table's level. Stored: the bench's learned mask (default settings, search_batch 8 and search_evals 150). "
+        "Relearned: `maskc.learn` with every other setting as the bench learns it. Peers: every family's best "
+        f"member that the bench kept at this level. PSNR: mean over {meta['n']} noises that neither learning nor "
+        "the tables use (seed 999), each sample against the original's from the same noise; margins with 95% "
+        "paired-bootstrap intervals over those noises.",
+        "",
+    ]
+    fmt = lambda v, ci: "-" if v is None else f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"  # noqa: E731
+    for case in cases:
+        lines += [f"## {case['table']}, level {case['target']:g} ({case['sampler']})", "",
+                  "Made by " + "; ".join(f"`{c.split(', ')[0]}` ({c.split(', ')[-1]})" for c in case["commands"])
+                  + f". Best peer on these noises: {case['best_peer']}.", "",
+                  "| method | MACs | PSNR dB | over stored | over best peer | learning s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(case["rows"], key=lambda r: (r["kind"] != "learned", -r["psnr"])):
+            ls = "-" if r["learning_s"] is None else f"{r['learning_s']:.0f}"
+            name = r["method"] + (" (the stored mask's bits)" if r.get("same_bits_as_stored") else "")
+            lines.append(f"| {name} | {r['macs']:.3f} | {r['psnr']:.2f} | "
+                         f"{fmt(r['over_stored'], r['over_stored_ci'])} | "
+                         f"{fmt(r['over_best_peer'], r['over_best_peer_ci'])} | {ls} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", default=["unet_ddim20:0.5", "dit_dpmpp10:0.5"],
+                    help="bench table stem and level, e.g. unet_ddim20:0.5")
+    ap.add_argument("--settings", nargs="*", default=["16,150", "32,150", "8,300"],
+                    help="search_batch,search_evals pairs to relearn with")
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    path = os.path.join(args.out, "search_batch.json")
+    if args.render:
+        data = json.load(open(path))
+    else:
+        torch.set_num_threads(args.threads)
+        t0 = time.time()
+        settings = [tuple(int(v) for v in s.split(",")) for s in args.settings]
+        cmd = "python benchmarks/bench_search_batch.py --cases " + " ".join(args.cases) + " --settings " + \
+            " ".join(args.settings) + f" --n {args.n} --threads {args.threads}"
+        data = {"meta": {}, "cases": []}
+        for spec in args.cases:  # each case is stored as it finishes, its rows merged into a stored case's
+            stem, lvl = spec.split(":")
+            case = check_case(stem, float(lvl), settings, args.results, args.n)
+            case.update(commands=[f"{cmd}, {time.time() - t0:.0f} s"])
+            if os.path.exists(path):
+                data = json.load(open(path))
+            old = next((c for c in data["cases"] if (c["table"], c["target"]) == (case["table"], case["target"])), None)
+            if old is not None:  # same noises and stored mask, so the rows compare; this run's rows win
+                if old["best_peer"] != case["best_peer"] or old.get("n", args.n) != args.n:
+                    raise SystemExit(f"{spec}: the stored case was scored on other noises; remove it first")
+                mine = {r["method"] for r in case["rows"]}
+                case["rows"] = [r for r in old["rows"] if r["method"] not in mine] + case["rows"]
+                case["commands"] = old["commands"] + case["commands"]
+                data["cases"].remove(old)
+            case["n"] = args.n
+            data["cases"].append(case)
+            data["meta"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
+                            "torch": torch.__version__, "code_version": code_version(), "n": args.n}
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+            t0 = time.time()
+    md = render(data["meta"], data["cases"])
+    with open(os.path.join(args.out, "search_batch.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
