@@ -26,6 +26,7 @@ import torch
 
 import maskc
 from maskc.bench import SAMPLERS, code_version
+from maskc.eval import bootstrap_counts, interval, psnr_per_sample
 from maskc.rollout import GenerationCost, Rollout
 
 from bench_monotone import table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
@@ -33,12 +34,9 @@ from bench_monotone import table_context  # noqa: E402  (benchmarks/ is the scri
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _bootstrap(diff: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of the mean of ``diff`` over resamples of its entries (paired: one index set per resample)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(diff), (resamples, len(diff)), generator=g)
-    means = diff[idx].mean(1)
-    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+def _interval(diff: torch.Tensor, resamples: int = 1000) -> list[float]:
+    """95% paired-bootstrap interval of the mean of ``diff`` (one entry per noise), as the bench draws them."""
+    return interval(bootstrap_counts(len(diff), resamples) @ diff.double() / len(diff))
 
 
 def check_case(stem: str, target: float, settings: list[tuple[int, int]], results: str, n: int,
@@ -56,9 +54,11 @@ def check_case(stem: str, target: float, settings: list[tuple[int, int]], result
     if key.get("code") != code_version():
         raise SystemExit(f"{learned_row['mask_file']} was learned by code {key.get('code')}, not today's "
                          f"{code_version()}: rerun the bench first")
-    masks = {"stored (search_batch 8, search_evals 150)": stored.bits}
-    seconds = {"stored (search_batch 8, search_evals 150)": stored.meta["provenance"].get("learning_seconds")}
-    same: dict[str, bool] = {}  # relearned bits equal to the stored mask's (search_batch 8, search_evals 150: a control)
+    learned_with = stored.meta["provenance"]["config"]
+    base_label = f"stored (search_batch {learned_with['search_batch']}, search_evals {learned_with['search_evals']})"
+    masks = {base_label: stored.bits}
+    seconds = {base_label: stored.meta["provenance"].get("learning_seconds")}
+    same: dict[str, bool] = {}  # relearned bits equal to the stored mask's (with the stored settings: a control)
     for sb, ev in settings:
         label = f"relearned (search_batch {sb}, search_evals {ev})"
         cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if n_classes is not None else None
@@ -80,22 +80,18 @@ def check_case(stem: str, target: float, settings: list[tuple[int, int]], result
     cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
     roll = Rollout(model, names, sched, noise, call_kw, guidance, "timestep")
 
-    def per_sample(bits: torch.Tensor) -> torch.Tensor:
-        img = roll.final(cost.rectify(bits))
-        mse = (img.double() - roll.reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        return 10 * torch.log10(1 / mse)
-
-    scored = {k: (per_sample(b), cost.fraction(b)) for k, b in {**masks, **peers}.items()}
+    scored = {k: (psnr_per_sample(roll.final(cost.rectify(b)), roll.reference), cost.fraction(b))
+              for k, b in {**masks, **peers}.items()}
     best_peer = max(peers, key=lambda k: float(scored[k][0].mean()))
-    base = scored["stored (search_batch 8, search_evals 150)"][0]
+    base = scored[base_label][0]
     rows = []
     for k, (p, f) in scored.items():
         rows.append({"method": k, "kind": "learned" if k in masks else "peer", "macs": f, "psnr": float(p.mean()),
                      "learning_s": seconds.get(k), "same_bits_as_stored": same.get(k),
                      "over_stored": None if k not in masks or p is base else float((p - base).mean()),
-                     "over_stored_ci": None if k not in masks or p is base else _bootstrap(p - base),
+                     "over_stored_ci": None if k not in masks or p is base else _interval(p - base),
                      "over_best_peer": float((p - scored[best_peer][0]).mean()) if k in masks else None,
-                     "over_best_peer_ci": _bootstrap(p - scored[best_peer][0]) if k in masks else None})
+                     "over_best_peer_ci": _interval(p - scored[best_peer][0]) if k in masks else None})
     return {"table": f"bench_{stem}", "model": cfg["model"], "sampler": f"{cfg['sampler']} {T}", "target": target,
             "best_peer": best_peer, "rows": rows}
 
@@ -118,7 +114,7 @@ def render(meta: dict, cases: list[dict]) -> str:
     fmt = lambda v, ci: "-" if v is None else f"{v:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"  # noqa: E731
     for case in cases:
         lines += [f"## {case['table']}, level {case['target']:g} ({case['sampler']})", "",
-                  "Made by " + "; ".join(f"`{c.split(', ')[0]}` ({c.split(', ')[-1]})" for c in case["commands"])
+                  "Made by " + "; ".join(f"`{c['command']}` ({c['seconds']:.0f} s)" for c in case["commands"])
                   + f". Best peer on these noises: {case['best_peer']}.", "",
                   "| method | MACs | PSNR dB | over stored | over best peer | learning s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -157,7 +153,7 @@ def main() -> None:
         for spec in args.cases:  # each case is stored as it finishes, its rows merged into a stored case's
             stem, lvl = spec.split(":")
             case = check_case(stem, float(lvl), settings, args.results, args.n)
-            case.update(commands=[f"{cmd}, {time.time() - t0:.0f} s"])
+            case.update(commands=[{"command": cmd, "seconds": time.time() - t0}])
             if os.path.exists(path):
                 data = json.load(open(path))
             old = next((c for c in data["cases"] if (c["table"], c["target"]) == (case["table"], case["target"])), None)

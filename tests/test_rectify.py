@@ -168,8 +168,7 @@ def test_heuristic_rules_keep_a_blocks_first_run() -> None:
     bits[[0, 2], 2] = False  # c first runs at step 1, alone in time ...
     bits[1, [1, 3]] = False  # ... and in depth: isolated, but never ran before
     bits[3, 2] = False
-    bits[2:4, 4] = False  # step 3: c and e skipped ...
-    bits[3, 3] = True  # ... d alone in its stage at step 3 (it ran before: stage-skipped)
+    bits[2:4, 4] = False  # step 3: c and e skipped, d alone in its stage (it ran before: stage-skipped)
     bits[0, 0] = False  # a first runs at step 1, where b is skipped: alone in its stage
     out, changes = heuristic_bits(bits, names, ("isolated-run", "stage-skipped"))
     got = {(c.step, c.block, c.rule) for c in changes}
