@@ -18,8 +18,9 @@ with DDIM or DPM-Solver++ (``sampler``) and T steps:
    the quality-vs-MACs Pareto curves and the learned mask as a T x B heatmap.
 
 Steps 2-4 keep what they finish under ``<out>/partial/<name>/`` (the peer selection, the
-original's samples, each method's row), keyed by everything that decides it: an interrupted
-run resumes where it stopped, and ``shards`` processes (``--shard K/N``) split the methods;
+original's samples, each method's row, and each finished batch of the method being sampled),
+keyed by everything that decides it: an interrupted run resumes where it stopped, at the
+batch, and ``shards`` processes (``--shard K/N``) split the methods;
 whichever finds every row done writes the table and removes the folder.
 
 Nothing in the tables is typed by hand: every figure comes from this run.
@@ -316,12 +317,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         floor = feats.floor(cfg.n)
         log(f"real-vs-real floor at n={cfg.n}: {floor}")
 
-        def sample_all(fn: Any, reset: Callable[[], None] | None) -> torch.Tensor:
+        def sample_all(fn: Any, reset: Callable[[], None] | None, ident: Any) -> torch.Tensor:
+            """The n samples of ``fn``, batch by batch; each batch is stored as it finishes, so a killed
+            process resumes the method at its first missing batch (a batch depends on its noise alone).
+            The row's writer removes them (``drop_batches``)."""
             out = []
             for i in range(0, cfg.n, cfg.batch):
-                lab = labels[i:i + cfg.batch] if labels is not None else None
-                out.append(generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset))
+                kind = f"batch-{_digest(ident)}-{i}"
+                x = part.get_tensor(kind)
+                if x is None:
+                    lab = labels[i:i + cfg.batch] if labels is not None else None
+                    x = generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset)
+                    part.put_tensor(kind, x)
+                out.append(x)
             return torch.cat(out)
+
+        def drop_batches(ident: Any) -> None:
+            for i in range(0, cfg.n, cfg.batch):
+                part.remove_tensor(f"batch-{_digest(ident)}-{i}")
 
         def score(images: torch.Tensor, ident: Any) -> dict[str, Any]:
             """FD, KID (and class accuracy); stores the features for the paired intervals (before the row)."""
@@ -338,11 +351,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         if todo:
             def sample_original() -> torch.Tensor:
                 t0 = time.perf_counter()
-                x = sample_all(model, None)
+                x = sample_all(model, None, ids[0])
                 log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
                 return x
 
             ref = part.claimed_tensor("original", sample_original, log)
+            drop_batches(ids[0])
         if todo and todo[0] == 0:
             row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
                    **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
@@ -357,7 +371,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             m = methods[i - 1]
             tm = maskc.compile(model, m["mask"])
             t0 = time.perf_counter()
-            imgs = sample_all(tm, tm.reset)
+            imgs = sample_all(tm, tm.reset, ids[i])
             f = frac(m["mask"])
             row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
                    "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
@@ -369,6 +383,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
                 row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
             part.put("row", ids[i], row)
+            drop_batches(ids[i])
             log(f"{row} ({time.perf_counter() - t0:.0f} s)")
         rows = [part.get("row", ident) for ident in ids]
         missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
@@ -619,6 +634,12 @@ class _Partial:
         os.close(fd)
         save_file({"x": x.contiguous()}, tmp)
         os.replace(tmp, os.path.join(self.dir, f"{kind}.safetensors"))
+
+    def remove_tensor(self, kind: str) -> None:
+        try:
+            os.remove(os.path.join(self.dir, f"{kind}.safetensors"))
+        except FileNotFoundError:
+            pass
 
     def remove(self) -> None:
         import shutil

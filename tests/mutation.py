@@ -389,6 +389,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "                continue\n            if i not in told and os.path.exists(lock):",
            "a shard waits for the mask another is learning instead of learning the next one",
            (BENCH + "::test_shards_split_the_learning",)),
+    Mutant("bench-stored-batches-ignored", "maskc/bench.py",
+           "                x = part.get_tensor(kind)\n",
+           "                x = None\n",
+           "a killed bench samples the whole method again: up to an hour of one core lost at DDIM 50, n=2000",
+           (BENCH + "::test_bench_resumes_a_method_at_its_batch",)),
     # -- the mask file, the sampling loop, pipelines, export ------------------------------
     Mutant("mask-bits-inverted-on-load", "maskc/mask.py",
            'bits = torch.tensor([[c == "1" for c in r]', 'bits = torch.tensor([[c == "0" for c in r]',

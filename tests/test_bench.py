@@ -213,6 +213,52 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert not (sharded / "partial").exists()
 
 
+@pytest.mark.slow
+def test_bench_resumes_a_method_at_its_batch(tmp_path, monkeypatch) -> None:
+    """A process killed inside a method (or inside the original) resumes at its first missing batch:
+    the finished batches are not sampled again, the figures equal an uninterrupted run's, and no batch
+    is left behind once the table is written."""
+    import maskc.sampling
+
+    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
+              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
+    assert [r["method"] for r in whole["rows"]] == ["original (full model)", "maskc learned, target 0.6",
+                                                    "DeepCache uniform N=2"]
+    out = tmp_path / "two"
+    (out / "masks").mkdir(parents=True)
+    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):
+        (out / "masks" / f.name).write_bytes(f.read_bytes())
+    real, calls = maskc.sampling.generate, []
+
+    class Killed(Exception):
+        pass
+
+    def generate(*a, **k):
+        if len(calls) == stop_at:
+            raise Killed
+        calls.append(a[2][0, 0, 0, 0].item())  # which batch: its first noise value
+        return real(*a, **k)
+
+    monkeypatch.setattr(maskc.sampling, "generate", generate)
+    # killed at the original's 2nd batch; then, resumed, at the learned mask's 2nd batch (after the
+    # original's 2nd and the mask's 1st): each time only the first batch of what was cut is left over
+    for stop_at in (1, 2):
+        calls.clear()
+        with pytest.raises(Killed):
+            run_bench(BenchConfig(**kw, out=str(out)), log=lambda s: None)
+        assert len(calls) == stop_at
+        assert len(list((out / "partial").rglob("batch-*.safetensors"))) == 1
+    stop_at = -1
+    calls.clear()
+    resumed = run_bench(BenchConfig(**kw, out=str(out)), log=lambda s: None)
+    assert len(calls) == 1 + 2  # the learned mask's 2nd batch, then DeepCache's two
+    key = ("method", "macs_fraction", "fd", "kid", "psnr", "ssim", "fd_ci", "fd_ratio_ci")
+    assert [{k: r.get(k) for k in key} for r in resumed["rows"]] == [{k: r.get(k) for k in key} for r in whole["rows"]]
+    assert not (out / "partial").exists()
+
+
 def test_shards_make_the_original_once(tmp_path) -> None:
     """Processes that need the original's samples together: one makes them, the others wait and read them;
     a lock left by a killed process (or an empty, old one) is taken over instead of waited on forever."""
