@@ -39,13 +39,24 @@ def _interval(diff: torch.Tensor, resamples: int = 1000) -> list[float]:
     return interval(bootstrap_counts(len(diff), resamples) @ diff.double() / len(diff))
 
 
+def relearn(ctx: dict, cfg: dict, target: float, **kw) -> maskc.Mask:
+    """``maskc.learn`` at ``target`` as the bench of ``cfg`` learns it (its model, sampler, steps, seed, guidance
+    and conditioning from ``ctx = table_context(cfg, ...)``), with ``kw`` overriding seed or learning settings."""
+    cond_of, n_classes = ctx["cond_of"], ctx["n_classes"]
+    cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if n_classes is not None else None
+    uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if n_classes is not None else None
+    kw = {"seed": cfg["seed"], **cfg.get("learn_kwargs", {}), **kw}
+    return maskc.learn(ctx["model"], SAMPLERS[cfg["sampler"]](), steps=cfg["steps"], sample_shape=ctx["shape"],
+                       target=target, cond=cond, uncond=uncond, guidance_scale=ctx["guidance"], progress=False, **kw)
+
+
 def check_case(stem: str, target: float, settings: list[tuple[int, int]], results: str, n: int,
                log=print) -> dict:
     """The stored mask, the masks relearned under ``settings`` and the bench's peers at ``target``, scored on n noises."""
     res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
     cfg = res["config"]
     ctx = table_context(cfg, n, 999)
-    model, cond_of, n_classes, guidance, shape = (ctx[k] for k in ("model", "cond_of", "n_classes", "guidance", "shape"))
+    model, guidance = ctx["model"], ctx["guidance"]
     T = cfg["steps"]
 
     learned_row = next(r for r in res["rows"] if r["family"] == "maskc" and r["target"] == target)
@@ -61,12 +72,8 @@ def check_case(stem: str, target: float, settings: list[tuple[int, int]], result
     same: dict[str, bool] = {}  # relearned bits equal to the stored mask's (with the stored settings: a control)
     for sb, ev in settings:
         label = f"relearned (search_batch {sb}, search_evals {ev})"
-        cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if n_classes is not None else None
-        uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if n_classes is not None else None
         t0 = time.perf_counter()
-        m = maskc.learn(model, SAMPLERS[cfg["sampler"]](), steps=T, sample_shape=shape, target=target,
-                        seed=cfg["seed"], cond=cond, uncond=uncond, guidance_scale=guidance, progress=False,
-                        search_batch=sb, search_evals=ev)
+        m = relearn(ctx, cfg, target, search_batch=sb, search_evals=ev)
         seconds[label] = time.perf_counter() - t0
         masks[label] = m.bits
         same[label] = bool(torch.equal(m.bits, stored.bits))
