@@ -30,8 +30,7 @@ import time
 import torch
 
 import maskc
-from maskc.bench import SAMPLERS, code_version
-from maskc.models.shipped import NULL_CAPTION, captions, has_captions, load_pretrained
+from maskc.bench import SAMPLERS, bench_model, code_version
 from maskc.refine import fit_to_window, row_vocabulary
 from maskc.rollout import GenerationCost, Rollout
 from maskc.sampling import stack_kwargs
@@ -45,35 +44,25 @@ TABLES = ("unet_ddim20", "unet_dpmpp10", "unet_ddim50", "dit_ddim20", "dit_dpmpp
 def table_context(cfg: dict, n: int, seed: int) -> dict:
     """A bench table's model, sampler and conditioning as its bench used them, on n noises drawn from ``seed``.
 
-    Keys: model, cond_of (labels -> model kwargs), n_classes (None: unconditional), guidance,
-    shape, sched (timesteps set), noise, call_kw (the [cond; uncond] kwargs of the noises),
-    ex_args and ex_kwargs (a batch-1 example call for tracing).
+    Keys: bench_model (``maskc.bench.BenchModel``: also learns a level as the bench does), model,
+    cond_of (labels -> model kwargs), n_classes (None: unconditional), guidance, shape, sched
+    (timesteps set), noise, call_kw (the [cond; uncond] kwargs of the noises), ex_args and
+    ex_kwargs (a batch-1 example call for tracing).
     """
-    model, path = load_pretrained(cfg["model"])
-    model.float()
-    kind = type(model).__name__
-    c = model.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
-    table = captions(path) if kind == "UNet2DConditionModel" and has_captions(path) else None
-    n_classes = NULL_CAPTION if table is not None else (
-        getattr(c, "num_embeds_ada_norm", None) if kind == "DiTTransformer2DModel" else None)
-    guidance = cfg["guidance_scale"] if n_classes is not None else None
-
-    def cond_of(labels: torch.Tensor) -> dict:
-        return {"encoder_hidden_states": table[labels]} if table is not None else {"class_labels": labels}
-
+    bm = bench_model(cfg["model"], cfg["guidance_scale"])
     sched = SAMPLERS[cfg["sampler"]]()
     sched.set_timesteps(cfg["steps"])
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *shape, generator=g)
+    noise = torch.randn(n, *bm.shape, generator=g)
     call_kw: dict = {}
     ex_kwargs: dict = {"timestep": sched.timesteps[0].reshape(1)}
-    if n_classes is not None:
-        labels = torch.arange(n) % n_classes
-        call_kw = stack_kwargs(cond_of(labels), cond_of(torch.full_like(labels, n_classes)))
-        ex_kwargs.update(cond_of(torch.zeros(1, dtype=torch.long)))
-    return dict(model=model, cond_of=cond_of, n_classes=n_classes, guidance=guidance, shape=shape, sched=sched,
-                noise=noise, call_kw=call_kw, ex_args=(torch.zeros(1, *shape),), ex_kwargs=ex_kwargs)
+    if bm.conditional:
+        labels = torch.arange(n) % bm.n_classes
+        call_kw = stack_kwargs(bm.cond_of(labels), bm.cond_of(torch.full_like(labels, bm.n_classes)))
+        ex_kwargs.update(bm.cond_of(torch.zeros(1, dtype=torch.long)))
+    return dict(bench_model=bm, model=bm.model, cond_of=bm.cond_of, n_classes=bm.n_classes, guidance=bm.guidance,
+                shape=bm.shape, sched=sched, noise=noise, call_kw=call_kw, ex_args=(torch.zeros(1, *bm.shape),),
+                ex_kwargs=ex_kwargs)
 
 
 def check_table(stem: str, results: str, n: int = 16) -> list[dict]:

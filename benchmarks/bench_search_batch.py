@@ -25,7 +25,7 @@ import time
 import torch
 
 import maskc
-from maskc.bench import SAMPLERS, code_version
+from maskc.bench import code_version
 from maskc.eval import bootstrap_counts, interval, psnr_per_sample
 from maskc.rollout import GenerationCost, Rollout
 
@@ -40,14 +40,10 @@ def _interval(diff: torch.Tensor, resamples: int = 1000) -> list[float]:
 
 
 def relearn(ctx: dict, cfg: dict, target: float, **kw) -> maskc.Mask:
-    """``maskc.learn`` at ``target`` as the bench of ``cfg`` learns it (its model, sampler, steps, seed, guidance
-    and conditioning from ``ctx = table_context(cfg, ...)``), with ``kw`` overriding seed or learning settings."""
-    cond_of, n_classes = ctx["cond_of"], ctx["n_classes"]
-    cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if n_classes is not None else None
-    uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if n_classes is not None else None
+    """``maskc.learn`` at ``target`` as the bench of ``cfg`` learns it (``ctx = table_context(cfg, ...)``), with
+    ``kw`` overriding its seed or learning settings."""
     kw = {"seed": cfg["seed"], **cfg.get("learn_kwargs", {}), **kw}
-    return maskc.learn(ctx["model"], SAMPLERS[cfg["sampler"]](), steps=cfg["steps"], sample_shape=ctx["shape"],
-                       target=target, cond=cond, uncond=uncond, guidance_scale=ctx["guidance"], progress=False, **kw)
+    return ctx["bench_model"].learn(cfg["sampler"], cfg["steps"], target, **kw)
 
 
 def check_case(stem: str, target: float, settings: list[tuple[int, int]], results: str, n: int,
@@ -135,17 +131,23 @@ def render(meta: dict, cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def case_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a script that relearns bench levels (``--cases stem:level``) and scores them on held-out noises."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=["unet_ddim20:0.5", "dit_dpmpp10:0.5"],
                     help="bench table stem and level, e.g. unet_ddim20:0.5")
+    ap.add_argument("--n", type=int, default=128, help="held-out noises (seed 999) that score every mask")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="where the bench tables are")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--render", action="store_true", help="only write the markdown again from the JSON")
+    return ap
+
+
+def main() -> None:
+    ap = case_parser(__doc__)
     ap.add_argument("--settings", nargs="*", default=["16,150", "32,150", "8,300"],
                     help="search_batch,search_evals pairs to relearn with")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     path = os.path.join(args.out, "search_batch.json")
     if args.render:

@@ -82,6 +82,55 @@ def code_version() -> str:
 
 
 @dataclass
+class BenchModel:
+    """A bench's backbone (float32) and its conditioning, as learning, sampling and scoring all see it.
+
+    ``n_classes`` is the label of the null class or caption (the unconditional half of
+    classifier-free guidance) and None for an unconditional model, whose ``guidance`` is None too.
+    """
+    model: torch.nn.Module
+    path: str
+    kind: str  # the diffusers class name
+    shape: tuple[int, int, int]
+    n_classes: int | None
+    guidance: float | None
+    table: torch.Tensor | None = None  # caption embeddings by label (the SD-like U-Net), else class labels are used
+
+    @property
+    def conditional(self) -> bool:
+        return self.n_classes is not None
+
+    def cond_of(self, labels: torch.Tensor) -> dict:
+        """Model kwargs for class labels (``n_classes``: the null label or caption)."""
+        return {"encoder_hidden_states": self.table[labels]} if self.table is not None else {"class_labels": labels}
+
+    def learn(self, sampler: str, steps: int, target: float, seed: int, **kw: Any) -> Any:
+        """``maskc.learn`` at ``target`` as ``maskc bench`` learns a level (labels i % n_classes, guided when
+        conditional); ``kw``: learning settings."""
+        import maskc
+
+        cond = (lambda k, gen: self.cond_of(torch.arange(k) % self.n_classes)) if self.conditional else None
+        uncond = (lambda k, gen: self.cond_of(torch.full((k,), self.n_classes))) if self.conditional else None
+        return maskc.learn(self.model, SAMPLERS[sampler](), steps=steps, sample_shape=self.shape, target=target,
+                           seed=seed, cond=cond, uncond=uncond, guidance_scale=self.guidance, progress=False, **kw)
+
+
+def bench_model(model: str, guidance_scale: float) -> BenchModel:
+    """The shipped model ``model`` (or a diffusers folder) loaded as ``maskc bench`` uses it."""
+    from maskc.models.shipped import NULL_CAPTION, captions, has_captions, load_pretrained
+
+    net, path = load_pretrained(model)
+    net.float()
+    kind = type(net).__name__
+    c = net.config
+    table = captions(path) if kind == "UNet2DConditionModel" and has_captions(path) else None
+    n_classes = NULL_CAPTION if table is not None else (
+        getattr(c, "num_embeds_ada_norm", None) if kind == "DiTTransformer2DModel" else None)
+    return BenchModel(net, path, kind, (c.in_channels, c.sample_size, c.sample_size), n_classes,
+                      guidance_scale if n_classes is not None else None, table)
+
+
+@dataclass
 class BenchConfig:
     model: str = "unet"  # "unet", "dit" (shipped) or a diffusers folder
     steps: int = 20
@@ -122,7 +171,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     from maskc import schedules
     from maskc.eval import (FMNISTFeatures, fidelity, generation_macs, interleaved_times, peak_memory,
                             psnr_per_sample, summarize_times)
-    from maskc.models.shipped import SHIPPED, load_pretrained
+    from maskc.models.shipped import SHIPPED
     from maskc.sampling import generate, stack_kwargs
 
     if cfg.phase not in ("all", "quality", "time"):
@@ -130,14 +179,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         raise MaskcError(f"phase must be 'all', 'quality' or 'time'; got {cfg.phase!r}")
     torch.set_num_threads(cfg.threads)
-    model, path = load_pretrained(cfg.model)
-    model.float()
+    bm = bench_model(cfg.model, cfg.guidance_scale)
+    model, path, kind, shape, n_classes, guidance, cond_of = (
+        bm.model, bm.path, bm.kind, bm.shape, bm.n_classes, bm.guidance, bm.cond_of)
     from maskc.errors import MaskcError
-    from maskc.models.shipped import NULL_CAPTION, captions, has_captions
 
-    kind = type(model).__name__
-    with_captions = kind == "UNet2DConditionModel" and has_captions(path)
-    if kind not in ("UNet2DModel", "DiTTransformer2DModel") and not with_captions:
+    if kind not in ("UNet2DModel", "DiTTransformer2DModel") and bm.table is None:
         raise MaskcError(f"maskc bench knows UNet2DModel, DiTTransformer2DModel and UNet2DConditionModel folders with "
                          f"a caption table (the shipped sd); {path} holds a {kind}")
     if not 0 <= cfg.shard < cfg.shards:
@@ -148,17 +195,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     T = cfg.steps
     version = code_version()
     sched = SAMPLERS[cfg.sampler]()
-    c = model.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
-    table = captions(path) if with_captions else None
-    n_classes = NULL_CAPTION if with_captions else (
-        getattr(c, "num_embeds_ada_norm", None) if kind == "DiTTransformer2DModel" else None)
-    conditional = n_classes is not None
-    guidance = cfg.guidance_scale if conditional else None
-
-    def cond_of(labels: torch.Tensor) -> dict:
-        """Model kwargs for class labels (n_classes: the null label or caption)."""
-        return {"encoder_hidden_states": table[labels]} if table is not None else {"class_labels": labels}
+    conditional = bm.conditional
 
     tag = "ddim" if cfg.sampler == "ddim" else cfg.sampler.replace("+", "p")
     stem = f"bench_{cfg.model if cfg.model in SHIPPED else os.path.basename(path.rstrip('/'))}_{tag}{T}"
@@ -232,12 +269,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 why = (f"the code changed since it was learned ({stored.get('code')} -> {version})"
                        if diff == ["code"] else f"settings differ: {', '.join(diff)}")
             log(f"learning {label} afresh ({why}) ...")
-            cond = (lambda k, gen: cond_of(torch.arange(k) % n_classes)) if conditional else None
-            uncond = (lambda k, gen: cond_of(torch.full((k,), n_classes))) if conditional else None
             t0 = time.perf_counter()
-            mask = maskc.learn(model, SAMPLERS[cfg.sampler](), steps=T, sample_shape=shape,
-                               target=target, seed=cfg.seed, cond=cond, uncond=uncond, guidance_scale=guidance,
-                               progress=False, **{**cfg.learn_kwargs, **kw})
+            mask = bm.learn(cfg.sampler, T, target, cfg.seed, **{**cfg.learn_kwargs, **kw})
             mask.meta["provenance"].update({"learning_seconds": time.perf_counter() - t0, "bench_key": key})
             mask.save(fpath)
             return mask
