@@ -20,7 +20,7 @@ with DDIM or DPM-Solver++ (``sampler``) and T steps:
 Steps 2-4 keep what they finish under ``<out>/partial/<name>/`` (the peer selection, the
 original's samples, each method's row, and each finished batch of the method being sampled),
 keyed by everything that decides it: an interrupted run resumes where it stopped, at the
-batch, and ``shards`` processes (``--shard K/N``) split the methods;
+batch, and ``shards`` processes (``--shard K/N``) split the methods (and the original's batches);
 whichever finds every row done writes the table and removes the folder.
 
 Nothing in the tables is typed by hand: every figure comes from this run.
@@ -351,19 +351,23 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         log(f"real-vs-real floor at n={cfg.n}: {floor}")
 
         def sample_all(fn: Any, reset: Callable[[], None] | None, ident: Any) -> torch.Tensor:
-            """The n samples of ``fn``, batch by batch; each batch is stored as it finishes, so a killed
-            process resumes the method at its first missing batch (a batch depends on its noise alone).
-            The row's writer removes them (``drop_batches``)."""
-            out = []
-            for i in range(0, cfg.n, cfg.batch):
-                kind = f"batch-{_digest(ident)}-{i}"
-                x = part.get_tensor(kind)
-                if x is None:
-                    lab = labels[i:i + cfg.batch] if labels is not None else None
-                    x = generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset)
-                    part.put_tensor(kind, x)
-                out.append(x)
-            return torch.cat(out)
+            """The n samples of ``fn``, batch by batch, each stored as it finishes: a killed process resumes
+            the method at its first missing batch (a batch depends on its noises alone), and processes
+            sampling the same method together split its batches (``_split_work``: each makes the batches
+            no other process is making and reads the others' once stored). ``drop_batches`` removes them."""
+            def kind(i: int) -> str:
+                return f"batch-{_digest(ident)}-{i}"
+
+            def make(i: int) -> torch.Tensor:
+                lab = labels[i:i + cfg.batch] if labels is not None else None
+                x = generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset)
+                part.put_tensor(kind(i), x)
+                return x
+
+            os.makedirs(part.dir, exist_ok=True)
+            got = _split_work(list(range(0, cfg.n, cfg.batch)), lambda i: part.get_tensor(kind(i)), make,
+                              lambda i: os.path.join(part.dir, kind(i) + ".lock"), log)
+            return torch.cat([x for x, _ in got])
 
         def drop_batches(ident: Any) -> None:
             for i in range(0, cfg.n, cfg.batch):
@@ -381,15 +385,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         ids = [("original (full model)", None)] + [(m["method"], _bits_digest(m["mask"])) for m in methods]
         todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
         ref = None
-        if todo:
-            def sample_original() -> torch.Tensor:
+        if todo:  # every shard needs the original's samples: those that start together split its batches
+            ref = part.get_tensor("original")
+            if ref is None:
                 t0 = time.perf_counter()
-                x = sample_all(model, None, ids[0])
+                ref = sample_all(model, None, ids[0])
                 log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
-                return x
-
-            ref = part.claimed_tensor("original", sample_original, log)
-            drop_batches(ids[0])
+                part.put_tensor("original", ref)  # its batches stay until the table is written: another
+                # shard may still be reading them
         if todo and todo[0] == 0:
             row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
                    **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
@@ -629,22 +632,17 @@ class _Partial:
         path = os.path.join(self.dir, f"{kind}.safetensors")
         return load_file(path)["x"] if os.path.exists(path) else None
 
-    def claimed_tensor(self, kind: str, make: Callable[[], torch.Tensor], log: Callable[[str], None],
-                       poll: float = 10.0, stale_s: float = 60.0) -> torch.Tensor:
-        """The stored tensor ``kind``, or ``make()`` stored, made by one process at a time.
+    def claimed(self, kind: str, ident: Any, make: Callable[[], Any], log: Callable[[str], None], poll: float = 10.0,
+                stale_s: float = 60.0) -> tuple[Any, bool]:
+        """(the stored piece, made here): ``get(kind, ident)``, or ``make()`` stored, made by one process at a time.
 
-        Shards that start together would each make the tensor (the original's samples: the
-        longest piece). The first takes ``<kind>.lock`` (created exclusively, holding its pid);
-        the others wait while that process lives, then read what it stored. A lock whose
-        process is gone (killed: nothing stored) is removed and the next waiter makes the tensor.
+        Shards that start together would each make the piece (the peer selection). The first takes
+        ``<piece>.lock`` (created exclusively, holding its pid); the others wait while that process
+        lives, then read what it stored. A lock whose process is gone (killed: nothing stored) is
+        removed and the next waiter makes the piece.
         """
-        return self._claim(os.path.join(self.dir, f"{kind}.lock"), lambda: self.get_tensor(kind),
-                           lambda x: self.put_tensor(kind, x), make, log, poll, stale_s)[0]
-
-    def claimed(self, kind: str, ident: Any, make: Callable[[], Any], log: Callable[[str], None]) -> tuple[Any, bool]:
-        """(the stored piece, made here): as ``claimed_tensor``, for a JSON piece (``make()`` returns its value)."""
         return self._claim(self._path(kind, ident) + ".lock", lambda: self.get(kind, ident),
-                           lambda v: self.put(kind, ident, v), make, log)
+                           lambda v: self.put(kind, ident, v), make, log, poll, stale_s)
 
     def _claim(self, lock: str, load: Callable[[], Any], store: Callable[[Any], None], make: Callable[[], Any],
                log: Callable[[str], None], poll: float = 10.0, stale_s: float = 60.0) -> tuple[Any, bool]:

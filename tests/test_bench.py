@@ -243,13 +243,15 @@ def test_bench_resumes_a_method_at_its_batch(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(maskc.sampling, "generate", generate)
     # killed at the original's 2nd batch; then, resumed, at the learned mask's 2nd batch (after the
-    # original's 2nd and the mask's 1st): each time only the first batch of what was cut is left over
-    for stop_at in (1, 2):
+    # original's 2nd and the mask's 1st): the finished batches are kept (the original's until the table
+    # is written: another shard may be reading them), and no lock is left
+    for stop_at, kept in ((1, 1), (2, 3)):
         calls.clear()
         with pytest.raises(Killed):
             run_bench(BenchConfig(**kw, out=str(out)), log=lambda s: None)
         assert len(calls) == stop_at
-        assert len(list((out / "partial").rglob("batch-*.safetensors"))) == 1
+        assert len(list((out / "partial").rglob("batch-*.safetensors"))) == kept
+        assert not list((out / "partial").rglob("*.lock"))
     stop_at = -1
     calls.clear()
     resumed = run_bench(BenchConfig(**kw, out=str(out)), log=lambda s: None)
@@ -259,8 +261,61 @@ def test_bench_resumes_a_method_at_its_batch(tmp_path, monkeypatch) -> None:
     assert not (out / "partial").exists()
 
 
-def test_shards_make_the_original_once(tmp_path) -> None:
-    """Processes that need the original's samples together: one makes them, the others wait and read them;
+@pytest.mark.slow
+def test_shards_started_together_split_the_originals_batches(tmp_path, monkeypatch) -> None:
+    """Two shards that start together each sample half of the original's batches (none twice), and the
+    table they write equals one process's."""
+    import threading
+    import time
+
+    import maskc.sampling
+
+    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
+              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
+    out = tmp_path / "two"
+    (out / "masks").mkdir(parents=True)
+    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):
+        (out / "masks" / f.name).write_bytes(f.read_bytes())
+    real, made = maskc.sampling.generate, []
+
+    def generate(*a, **k):
+        if k.get("reset") is None:  # the original's batch: held until both shards are sampling it
+            made.append((threading.current_thread().name, a[2][0, 0, 0, 0].item()))
+            t0 = time.time()
+            while len({t for t, _ in made}) < 2 and time.time() - t0 < 30:
+                time.sleep(0.01)
+        return real(*a, **k)
+
+    monkeypatch.setattr(maskc.sampling, "generate", generate)
+    loading, load = threading.Lock(), maskc.bench.bench_model
+
+    def bench_model(*a):  # diffusers' loading is not thread-safe (it patches torch's module init while it runs)
+        with loading:
+            return load(*a)
+
+    monkeypatch.setattr(maskc.bench, "bench_model", bench_model)
+    res: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda k=k: res.update({k: run_bench(BenchConfig(**kw, out=str(out), shard=k,
+                                                                                        shards=2), log=lambda s: None)}),
+                                name=f"shard{k}") for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(res) == 2  # neither shard raised
+    assert sorted(t for t, _ in made) == ["shard0", "shard1"]  # one batch each
+    assert len({v for _, v in made}) == 2  # different batches
+    done = [r for r in res.values() if not r.get("incomplete")]
+    assert done  # the shard that finished last wrote the table (both, if they finished at once)
+    key = ("method", "fd", "kid", "psnr", "ssim", "fd_ci")
+    for r in done:
+        assert [{k: x.get(k) for k in key} for x in r["rows"]] == [{k: x.get(k) for k in key} for x in whole["rows"]]
+
+
+def test_shards_make_a_shared_piece_once(tmp_path) -> None:
+    """Processes that need one piece together (the peer selection): one makes it, the others wait and read it;
     a lock left by a killed process (or an empty, old one) is taken over instead of waited on forever."""
     import os
     import subprocess
@@ -275,43 +330,46 @@ def test_shards_make_the_original_once(tmp_path) -> None:
 
     logs: list[str] = []
 
-    def make() -> torch.Tensor:
+    def make() -> list[float]:
         made.append(1)
         t0 = time.time()  # the first maker holds the lock until both others wait (whatever the load)
         while len(made) == 1 and sum("waiting for another process" in m for m in logs) < 2 and time.time() - t0 < 10:
             time.sleep(0.01)
-        return torch.arange(4.0)
+        return [0.0, 1.0, 2.0, 3.0]
 
-    got: list[torch.Tensor] = []
-    threads = [threading.Thread(target=lambda: got.append(part.claimed_tensor("original", make, logs.append, poll=0.05)))
+    def lock(kind: str) -> str:
+        return part._path(kind, 0) + ".lock"
+
+    got: list[list[float]] = []
+    threads = [threading.Thread(target=lambda: got.append(part.claimed("selection", 0, make, logs.append, poll=0.05)[0]))
                for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(made) == 1 and len(got) == 3 and all(torch.equal(g, torch.arange(4.0)) for g in got)
+    assert len(made) == 1 and got == [[0.0, 1.0, 2.0, 3.0]] * 3
     assert sum("waiting for another process" in m for m in logs) == 2
-    assert not os.path.exists(os.path.join(part.dir, "original.lock"))
+    assert not os.path.exists(lock("selection"))
     # a dead process's lock
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with open(os.path.join(part.dir, "other.lock"), "w") as f:
+    with open(lock("other"), "w") as f:
         f.write(str(dead.pid))
 
     def within(secs: float, **kw) -> float:
-        """Seconds claimed_tensor took; fails (instead of hanging) if it waits past ``secs``."""
+        """Seconds claimed took; fails (instead of hanging) if it waits past ``secs``."""
         t0, done = time.time(), []
-        t = threading.Thread(target=lambda: done.append(part.claimed_tensor(make=make, log=logs.append, poll=0.05, **kw)),
+        t = threading.Thread(target=lambda: done.append(part.claimed(ident=0, make=make, log=logs.append, poll=0.05, **kw)),
                              daemon=True)
         t.start()
         t.join(secs)
-        assert done, f"claimed_tensor({kw}) still waiting after {secs} s"
+        assert done, f"claimed({kw}) still waiting after {secs} s"
         return time.time() - t0
 
     within(10, kind="other")
     # an empty lock: waited on while young, taken over once old
     created = time.time()
-    open(os.path.join(part.dir, "third.lock"), "w").close()
+    open(lock("third"), "w").close()
     within(10, kind="third", stale_s=0.4)
     assert time.time() - created >= 0.35 and len(made) == 3
 
