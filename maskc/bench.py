@@ -355,23 +355,27 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             the method at its first missing batch (a batch depends on its noises alone), and processes
             sampling the same method together split its batches (``_split_work``: each makes the batches
             no other process is making and reads the others' once stored). ``drop_batches`` removes them."""
-            def kind(i: int) -> str:
-                return f"batch-{_digest(ident)}-{i}"
+            stored_as = batch_names(ident)
 
             def make(i: int) -> torch.Tensor:
                 lab = labels[i:i + cfg.batch] if labels is not None else None
                 x = generate(fn, sched, noise[i:i + cfg.batch], T, kwargs_for(lab), guidance, reset=reset)
-                part.put_tensor(kind(i), x)
+                part.put_tensor(stored_as[i], x)
                 return x
 
             os.makedirs(part.dir, exist_ok=True)
-            got = _split_work(list(range(0, cfg.n, cfg.batch)), lambda i: part.get_tensor(kind(i)), make,
-                              lambda i: os.path.join(part.dir, kind(i) + ".lock"), log)
+            got = _split_work(list(stored_as), lambda i: part.get_tensor(stored_as[i]), make,
+                              lambda i: os.path.join(part.dir, stored_as[i] + ".lock"), log)
             return torch.cat([x for x, _ in got])
 
+        def batch_names(ident: Any) -> dict[int, str]:
+            """Each batch's first sample index -> the name its samples are stored under."""
+            d = _digest(ident)
+            return {i: f"batch-{d}-{i}" for i in range(0, cfg.n, cfg.batch)}
+
         def drop_batches(ident: Any) -> None:
-            for i in range(0, cfg.n, cfg.batch):
-                part.remove_tensor(f"batch-{_digest(ident)}-{i}")
+            for batch in batch_names(ident).values():
+                part.remove_tensor(batch)
 
         def score(images: torch.Tensor, ident: Any) -> dict[str, Any]:
             """FD, KID (and class accuracy); stores the features for the paired intervals (before the row)."""
@@ -641,19 +645,15 @@ class _Partial:
         lives, then read what it stored. A lock whose process is gone (killed: nothing stored) is
         removed and the next waiter makes the piece.
         """
-        return self._claim(self._path(kind, ident) + ".lock", lambda: self.get(kind, ident),
-                           lambda v: self.put(kind, ident, v), make, log, poll, stale_s)
-
-    def _claim(self, lock: str, load: Callable[[], Any], store: Callable[[Any], None], make: Callable[[], Any],
-               log: Callable[[str], None], poll: float = 10.0, stale_s: float = 60.0) -> tuple[Any, bool]:
-        """One piece through ``_split_work``: (loaded or made-and-stored value, made here)."""
         def make_and_store(_: Any) -> Any:
             value = make()
-            store(value)
+            self.put(kind, ident, value)
             return value
 
+        lock = self._path(kind, ident) + ".lock"
         os.makedirs(self.dir, exist_ok=True)
-        return _split_work([lock], lambda _: load(), make_and_store, lambda _: lock, log, poll, stale_s)[0]
+        return _split_work([lock], lambda _: self.get(kind, ident), make_and_store, lambda _: lock, log, poll,
+                           stale_s)[0]
 
     def put_tensor(self, kind: str, x: torch.Tensor) -> None:
         import tempfile

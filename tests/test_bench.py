@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -213,6 +214,20 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert not (sharded / "partial").exists()
 
 
+def _whole_run_and_a_fresh_folder(tmp_path) -> tuple[dict, dict, pathlib.Path]:
+    """(settings of a 3-row bench, its uninterrupted result in tmp_path/one, tmp_path/two holding only its
+    learned mask): runs in the fresh folder sample every row again, without learning again."""
+    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
+              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
+    out = tmp_path / "two"
+    (out / "masks").mkdir(parents=True)
+    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):
+        (out / "masks" / f.name).write_bytes(f.read_bytes())
+    return kw, whole, out
+
+
 @pytest.mark.slow
 def test_bench_resumes_a_method_at_its_batch(tmp_path, monkeypatch) -> None:
     """A process killed inside a method (or inside the original) resumes at its first missing batch:
@@ -220,16 +235,9 @@ def test_bench_resumes_a_method_at_its_batch(tmp_path, monkeypatch) -> None:
     is left behind once the table is written."""
     import maskc.sampling
 
-    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
-              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
-              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
-    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
+    kw, whole, out = _whole_run_and_a_fresh_folder(tmp_path)
     assert [r["method"] for r in whole["rows"]] == ["original (full model)", "maskc learned, target 0.6",
                                                     "DeepCache uniform N=2"]
-    out = tmp_path / "two"
-    (out / "masks").mkdir(parents=True)
-    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):
-        (out / "masks" / f.name).write_bytes(f.read_bytes())
     real, calls = maskc.sampling.generate, []
 
     class Killed(Exception):
@@ -270,14 +278,7 @@ def test_shards_started_together_split_the_originals_batches(tmp_path, monkeypat
 
     import maskc.sampling
 
-    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
-              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
-              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
-    whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
-    out = tmp_path / "two"
-    (out / "masks").mkdir(parents=True)
-    for f in (tmp_path / "one" / "masks").glob("*_learned_*"):
-        (out / "masks" / f.name).write_bytes(f.read_bytes())
+    kw, whole, out = _whole_run_and_a_fresh_folder(tmp_path)
     real, made = maskc.sampling.generate, []
 
     def generate(*a, **k):
