@@ -65,18 +65,22 @@ def table_context(cfg: dict, n: int, seed: int) -> dict:
                 ex_kwargs=ex_kwargs)
 
 
+def generation_cost(ctx: dict, names: list[str]) -> GenerationCost:
+    """MACs and rectification of masks over ``names`` on ``ctx``'s model (``table_context``)."""
+    graph = maskc.block_graph(ctx["model"], *ctx["ex_args"], blocks=names, **ctx["ex_kwargs"])
+    return GenerationCost(ctx["model"], names, graph, ctx["ex_args"], ctx["ex_kwargs"])
+
+
 def check_table(stem: str, results: str, n: int = 16) -> list[dict]:
     """One row per pair of learned levels (a < b) of ``bench_<stem>``: the three masks' PSNRs."""
     res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
     cfg = res["config"]
     ctx = table_context(cfg, n, 4321 + cfg["seed"])
-    model, sched, guidance, ex_args, ex_kwargs = (ctx[k] for k in ("model", "sched", "guidance", "ex_args", "ex_kwargs"))
-    noise, call_kw = ctx["noise"], ctx["call_kw"]
+    model, sched, guidance, noise, call_kw = (ctx[k] for k in ("model", "sched", "guidance", "noise", "call_kw"))
     learned = sorted((r for r in res["rows"] if r["family"] == "maskc"), key=lambda r: r["target"])
     masks = {r["target"]: maskc.Mask.load(os.path.join(results, r["mask_file"])) for r in learned}
     names = list(next(iter(masks.values())).names)
-    graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
-    cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
+    cost = generation_cost(ctx, names)
     roll = Rollout(model, names, sched, noise, call_kw, guidance, "timestep")
     T = cfg["steps"]
     out = []

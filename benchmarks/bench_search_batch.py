@@ -27,9 +27,9 @@ import torch
 import maskc
 from maskc.bench import code_version
 from maskc.eval import bootstrap_counts, interval, psnr_per_sample
-from maskc.rollout import GenerationCost, Rollout
+from maskc.rollout import Rollout
 
-from bench_monotone import table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
+from bench_monotone import generation_cost, table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,6 +46,26 @@ def relearn(ctx: dict, cfg: dict, target: float, **kw) -> maskc.Mask:
     return ctx["bench_model"].learn(cfg["sampler"], cfg["steps"], target, **kw)
 
 
+def stored_level(res: dict, target: float, results: str) -> tuple[maskc.Mask, dict[str, torch.Tensor]]:
+    """The bench's learned mask at ``target`` (refused unless today's code learned it) and the bits of every
+    peer the bench kept at that level, by method."""
+    learned_row = next(r for r in res["rows"] if r["family"] == "maskc" and r["target"] == target)
+    stored = maskc.Mask.load(os.path.join(results, learned_row["mask_file"]))
+    key = stored.meta["provenance"].get("bench_key", {})
+    if key.get("code") != code_version():
+        raise SystemExit(f"{learned_row['mask_file']} was learned by code {key.get('code')}, not today's "
+                         f"{code_version()}: rerun the bench first")
+    peers = {r["method"]: maskc.Mask.load(os.path.join(results, r["mask_file"])).bits
+             for r in res["rows"] if target in (r.get("best_for") or [])}
+    return stored, peers
+
+
+def run_meta(threads: int) -> dict:
+    """Where and with what a run was made (its JSON's meta)."""
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": threads,
+            "torch": torch.__version__, "code_version": code_version()}
+
+
 def check_case(stem: str, target: float, settings: list[tuple[int, int]], results: str, n: int,
                log=print) -> dict:
     """The stored mask, the masks relearned under ``settings`` and the bench's peers at ``target``, scored on n noises."""
@@ -55,12 +75,7 @@ def check_case(stem: str, target: float, settings: list[tuple[int, int]], result
     model, guidance = ctx["model"], ctx["guidance"]
     T = cfg["steps"]
 
-    learned_row = next(r for r in res["rows"] if r["family"] == "maskc" and r["target"] == target)
-    stored = maskc.Mask.load(os.path.join(results, learned_row["mask_file"]))
-    key = stored.meta["provenance"].get("bench_key", {})
-    if key.get("code") != code_version():
-        raise SystemExit(f"{learned_row['mask_file']} was learned by code {key.get('code')}, not today's "
-                         f"{code_version()}: rerun the bench first")
+    stored, peers = stored_level(res, target, results)
     learned_with = stored.meta["provenance"]["config"]
     base_label = f"stored (search_batch {learned_with['search_batch']}, search_evals {learned_with['search_evals']})"
     masks = {base_label: stored.bits}
@@ -74,13 +89,10 @@ def check_case(stem: str, target: float, settings: list[tuple[int, int]], result
         masks[label] = m.bits
         same[label] = bool(torch.equal(m.bits, stored.bits))
         log(f"bench_{stem} {target:g}: {label} in {seconds[label]:.0f} s")
-    peers = {r["method"]: maskc.Mask.load(os.path.join(results, r["mask_file"])).bits
-             for r in res["rows"] if target in (r.get("best_for") or [])}
 
-    sched, noise, call_kw, ex_args, ex_kwargs = (ctx[k] for k in ("sched", "noise", "call_kw", "ex_args", "ex_kwargs"))
+    sched, noise, call_kw = (ctx[k] for k in ("sched", "noise", "call_kw"))
     names = list(stored.names)
-    graph = maskc.block_graph(model, *ex_args, blocks=names, **ex_kwargs)
-    cost = GenerationCost(model, names, graph, ex_args, ex_kwargs)
+    cost = generation_cost(ctx, names)
     roll = Rollout(model, names, sched, noise, call_kw, guidance, "timestep")
 
     scored = {k: (psnr_per_sample(roll.final(cost.rectify(b)), roll.reference), cost.fraction(b))
@@ -176,8 +188,7 @@ def main() -> None:
             case["n"] = args.n
             data["cases"].append(case)
             data["meta"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
-                            "torch": torch.__version__, "code_version": code_version(), "n": args.n}
+                            **run_meta(args.threads), "n": args.n}
             with open(path, "w") as f:
                 json.dump(data, f, indent=1)
             t0 = time.time()

@@ -20,18 +20,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import time
 
 import torch
 
-import maskc
-from maskc.bench import code_version
 from maskc.eval import psnr_per_sample
-from maskc.rollout import GenerationCost, Rollout
+from maskc.rollout import Rollout
 
-from bench_monotone import table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
-from bench_search_batch import _interval, case_parser, relearn  # noqa: E402
+from bench_monotone import generation_cost, table_context  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
+from bench_search_batch import _interval, case_parser, relearn, run_meta, stored_level  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,11 +38,7 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
     """The stored mask and the masks learned with ``seeds``, picked on n_select noises, scored on n others."""
     res = json.load(open(os.path.join(results, f"bench_{stem}.json")))
     cfg = res["config"]
-    learned_row = next(r for r in res["rows"] if r["family"] == "maskc" and r["target"] == target)
-    stored = maskc.Mask.load(os.path.join(results, learned_row["mask_file"]))
-    if stored.meta["provenance"].get("bench_key", {}).get("code") != code_version():
-        raise SystemExit(f"{learned_row['mask_file']} was not learned by today's code {code_version()}: "
-                         "rerun the bench first")
+    stored, peers = stored_level(res, target, results)
     ev = table_context(cfg, n, 999)
     sel = table_context(cfg, n_select, 998)
     order = [cfg["seed"]] + [s for s in seeds if s != cfg["seed"]]
@@ -56,13 +49,10 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
         masks[s] = relearn(ev, cfg, target, seed=s).bits
         seconds[s] = time.perf_counter() - t0
         log(f"bench_{stem} {target:g}: seed {s} in {seconds[s]:.0f} s")
-    peers = {r["method"]: maskc.Mask.load(os.path.join(results, r["mask_file"])).bits
-             for r in res["rows"] if target in (r.get("best_for") or [])}
 
     names = list(stored.names)
     model = ev["model"]
-    graph = maskc.block_graph(model, *ev["ex_args"], blocks=names, **ev["ex_kwargs"])
-    cost = GenerationCost(model, names, graph, ev["ex_args"], ev["ex_kwargs"])
+    cost = generation_cost(ev, names)
 
     def scores(ctx: dict, bits: dict) -> dict:
         roll = Rollout(model, names, ctx["sched"], ctx["noise"], ctx["call_kw"], ctx["guidance"], "timestep")
@@ -163,8 +153,7 @@ def main() -> None:
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             data["cases"] = [c for c in data["cases"] if (c["table"], c["target"]) != (case["table"], case["target"])]
             data["cases"].append(case)
-            data["meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
-                            "torch": torch.__version__, "code_version": code_version()}
+            data["meta"] = run_meta(args.threads)
             with open(path, "w") as f:
                 json.dump(data, f, indent=1)
             t0 = time.time()
