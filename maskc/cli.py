@@ -325,8 +325,6 @@ def learn_cmd(args: argparse.Namespace) -> int:
     """Learn a mask for a diffusers model folder (or pipeline folder) and write it as JSON."""
     import torch
 
-    import maskc
-
     _threads(args.threads)
     overrides = dict(batch=args.batch, iters=args.iters, sampling=args.sampling, cache=args.cache, refine=args.refine,
                      search_evals=args.search_evals, search_batch=args.search_batch,
@@ -356,9 +354,9 @@ def learn_cmd(args: argparse.Namespace) -> int:
     if args.guidance_scale is not None and cond is None:
         raise MaskcError("--guidance-scale with --model needs --num-classes (the null label is class N) or a model "
                          "with a caption table (sd); or learn from a pipeline folder with --pipeline")
-    mask = maskc.learn(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
-                       target=args.target, seed=args.seed, cond=cond, uncond=uncond,
-                       guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir, **overrides)
+    mask = _learner(args)(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
+                          target=args.target, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale,
+                          checkpoint_dir=args.checkpoint_dir, **overrides)
     if not distributed or dist.get_rank() == 0:
         mask.save(args.out)
         print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
@@ -367,10 +365,20 @@ def learn_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learn_pipeline(args: argparse.Namespace, overrides: dict) -> int:
-    import diffusers
+def _learner(args: argparse.Namespace) -> Any:
+    """``maskc.learn`` with the one ``--seed``, or ``maskc.pick.learn_best`` over several."""
+    import functools
 
     import maskc
+    from maskc.pick import learn_best
+
+    if len(args.seed) == 1:
+        return functools.partial(maskc.learn, seed=args.seed[0])
+    return functools.partial(learn_best, seeds=args.seed, n_select=args.n_select, select_seed=args.select_seed)
+
+
+def _learn_pipeline(args: argparse.Namespace, overrides: dict) -> int:
+    import diffusers
 
     if args.num_classes:
         raise MaskcError("--num-classes is for --model; with --pipeline pass --class-labels (the pipeline knows its "
@@ -384,8 +392,8 @@ def _learn_pipeline(args: argparse.Namespace, overrides: dict) -> int:
         cond["prompt"] = args.prompt
     if args.class_labels:
         cond["class_labels"] = args.class_labels
-    mask = maskc.learn(pipe, target=args.target, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       seed=args.seed, checkpoint_dir=args.checkpoint_dir, **cond, **overrides)
+    mask = _learner(args)(pipe, target=args.target, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance_scale, checkpoint_dir=args.checkpoint_dir, **cond, **overrides)
     mask.save(args.out)
     print(f"wrote {args.out}: {mask} for {type(pipe).__name__}, MACs fraction "
           f"{mask.meta['provenance']['macs_fraction']:.3f}")
@@ -600,7 +608,11 @@ def parser() -> argparse.ArgumentParser:
                     help="(--model) class-conditional: labels drawn in [0, N), label N is the null label")
     ln.add_argument("--scheduler", default="DDIMScheduler", help="(--model) diffusers scheduler class")
     ln.add_argument("--train-steps", type=int, default=1000, help="(--model) the scheduler's training timesteps")
-    ln.add_argument("--seed", type=int, default=0, help="seed of the learning trajectory")
+    ln.add_argument("--seed", type=int, nargs="+", default=[0],
+                    help="seed of the learning trajectory; several: learn with each and keep the mask with the best "
+                         "PSNR on --n-select noises none of them saw (maskc.pick.learn_best)")
+    ln.add_argument("--n-select", type=int, default=32, help="(several seeds) selection noises of the pick")
+    ln.add_argument("--select-seed", type=int, default=998, help="(several seeds) seed of the selection noises")
     ln.add_argument("--batch", type=int, default=LC.batch, help="samples in the learning trajectory (phase 2)")
     ln.add_argument("--iters", type=int, default=LC.iters, help="optimizer iterations per step")
     ln.add_argument("--cache", choices=["original", "masked"], default=LC.cache,

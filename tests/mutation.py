@@ -64,6 +64,7 @@ BENCH = "tests/test_bench.py"
 MASK = "tests/test_mask.py"
 SAMP = "tests/test_sampling.py"
 EXPORT = "tests/test_export.py"
+PICK = "tests/test_pick.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("reset-keeps-cache", "maskc/runtime.py",
@@ -295,6 +296,26 @@ MUTANTS: tuple[Mutant, ...] = (
            "                if True:\n                    fixed = (d, fd)",
            "a move repaired at another step is scored even when still outside the MACs window",
            (PHASES + "::test_search_never_worse_than_its_seeds_and_stays_in_the_window",)),
+    # The pick among seeds (maskc.pick.learn_best).
+    Mutant("pick-keeps-the-worst", "maskc/pick.py",
+           "    k = max(range(len(seeds)), key=lambda i: (scores[i], -i))",
+           "    k = min(range(len(seeds)), key=lambda i: (scores[i], -i))",
+           "learn_best returns the seed whose mask does worst on the selection noises",
+           (PICK + "::test_keeps_the_seed_with_the_best_selection_psnr",)),
+    Mutant("pick-scores-on-calibration-noises", "maskc/pick.py",
+           "int(n_select), int(select_seed), inputs",
+           "int(n_select), seeds[0], inputs",
+           "the pick scores masks on the first seed's own calibration noises, which favour that seed's mask",
+           (PICK + "::test_keeps_the_seed_with_the_best_selection_psnr",)),
+    Mutant("pick-checkpoints-shared", "maskc/pick.py",
+           'os.path.join(checkpoint_dir, f"seed-{s}")', "checkpoint_dir",
+           "every seed resumes from one checkpoint folder: a later seed reads or overwrites another's progress",
+           (PICK + "::test_checkpoints_one_folder_per_seed",)),
+    Mutant("cli-learn-ignores-extra-seeds", "maskc/cli.py",
+           "    if len(args.seed) == 1:\n        return functools.partial(maskc.learn, seed=args.seed[0])",
+           "    if len(args.seed) >= 1:\n        return functools.partial(maskc.learn, seed=args.seed[0])",
+           "maskc learn --seed 0 1 2 learns with seed 0 alone and says nothing",
+           ("tests/test_cli.py::test_learn_with_several_seeds_keeps_the_pick",)),
     # Peers: the schedules a learned mask is compared with.
     Mutant("deepcache-keeps-deep-up-blocks", "maskc/schedules.py",
            'tuple(f"up_blocks.{n_up - 1 - k}." for k in range(depth))',

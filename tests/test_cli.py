@@ -270,6 +270,16 @@ def test_learn_from_a_model_folder(folder, tmp_path) -> None:
     assert abs(lo - 0.67) < 1e-9 and abs(hi - 0.71) < 1e-9 and lo <= prov["macs_fraction"] <= hi
 
 
+def test_learn_with_several_seeds_keeps_the_pick(folder, tmp_path) -> None:
+    out = tmp_path / "picked.json"
+    assert main(["learn", "--model", str(folder / "unet"), "--out", str(out), "--seed", "3", "4", "--n-select", "2",
+                 "--select-seed", "5", *LEARN_FAST]) == 0
+    prov = maskc.Mask.load(out).meta["provenance"]
+    pick = prov["pick"]  # maskc.pick.learn_best ran, with the flags as given
+    assert pick["seeds"] == [3, 4] and pick["n_select"] == 2 and pick["select_seed"] == 5
+    assert prov["seed"] == pick["picked"] and prov["config"]["target"] == 0.7
+
+
 def _pipeline_learn_landed() -> bool:
     import inspect
 

@@ -1,0 +1,88 @@
+"""maskc.pick.learn_best: the kept mask is one seed's learned mask, the best on noises no search saw."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline
+
+import archs
+import maskc
+from maskc.pick import learn_best
+from reference import HookReference
+
+SHAPE = (1, 16, 16)
+KW = {"iters": 10, "batch": 2, "search_batch": 2, "search_evals": 20}
+
+
+def _sched() -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000)
+
+
+def _reference_psnr(model: torch.nn.Module, mask: maskc.Mask, steps: int, n: int, seed: int) -> float:
+    """Mean PSNR of the final samples under ``mask`` (forward hooks) against the unmasked ones, from n noises."""
+    x0 = torch.randn((n, *SHAPE), generator=torch.Generator().manual_seed(seed))
+
+    def sample(fn) -> torch.Tensor:
+        sched = _sched()
+        sched.set_timesteps(steps)
+        x = x0
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(fn(x, t).sample, t, x).prev_sample
+        return ((x + 1) / 2).clamp(0, 1).double()
+
+    ref = HookReference(model, mask.bits, list(mask.names))
+    masked, full = sample(ref), sample(model)
+    ref.close()
+    mse = (masked - full).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def test_keeps_the_seed_with_the_best_selection_psnr() -> None:
+    model = archs.small_unet(sample_size=16, channels=1)
+    seeds, steps = [0, 1, 2], 6
+    best = learn_best(model, _sched(), steps, SHAPE, target=0.5, seeds=seeds, n_select=4, select_seed=77,
+                      progress=False, **KW)
+    masks = [maskc.learn(model, _sched(), steps=steps, sample_shape=SHAPE, target=0.5, seed=s, progress=False, **KW)
+             for s in seeds]
+    ref = [_reference_psnr(model, m, steps, 4, 77) for m in masks]
+    pick = best.meta["provenance"]["pick"]
+    assert pick["seeds"] == seeds and pick["select_seed"] == 77 and pick["n_select"] == 4
+    # every seed scored on the selection noises, as an independent sampler with forward hooks scores it
+    assert pick["selection_psnr"] == pytest.approx(ref, abs=1e-3)
+    assert len({round(v, 3) for v in ref}) > 1, "the seeds' masks score alike: the pick would not be tested"
+    k = max(range(len(seeds)), key=lambda i: ref[i])
+    assert pick["picked"] == seeds[k]
+    assert best == masks[k] and best.meta["provenance"]["seed"] == seeds[k]
+    assert best.meta["provenance"]["macs_fraction"] == pick["macs_fraction"][k]
+
+
+def test_pipeline_and_one_seed_is_learn() -> None:
+    model = archs.small_unet(sample_size=16, channels=1)
+    pipe = DDPMPipeline(unet=model, scheduler=_sched())
+    best = learn_best(pipe, target=0.6, seeds=[3], n_select=2, num_inference_steps=4, progress=False, **KW)
+    plain = maskc.learn(pipe, target=0.6, seed=3, num_inference_steps=4, progress=False, **KW)
+    assert best == plain
+    assert best.meta["provenance"]["pipeline"] == "DDPMPipeline" and best.meta["provenance"]["pick"]["picked"] == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"seeds": [0, 998]}, "select_seed 998 is also a learning seed"),
+    ({"seeds": [1, 1]}, "distinct seeds"),
+    ({"seeds": []}, "distinct seeds"),
+    ({"n_select": 0}, "n_select must be at least 1"),
+])
+def test_refuses_a_pick_it_cannot_make_fairly(kw: dict, match: str) -> None:
+    with pytest.raises(maskc.MaskcError, match=match):
+        learn_best(archs.small_unet(sample_size=16, channels=1), _sched(), 4, SHAPE, progress=False, **kw)
+
+
+def test_checkpoints_one_folder_per_seed(tmp_path) -> None:
+    model = archs.small_unet(sample_size=16, channels=1)
+    run = lambda: learn_best(model, _sched(), 4, SHAPE, target=0.6, seeds=[0, 1], n_select=2,  # noqa: E731
+                             checkpoint_dir=str(tmp_path), progress=False, **KW)
+    first = run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed-0", "seed-1"]
+    assert all((tmp_path / d / "learn_state.json").exists() for d in ("seed-0", "seed-1"))
+    again = run()  # both seeds resume from their finished checkpoints
+    assert again == first and again.meta["provenance"]["pick"]["picked"] == first.meta["provenance"]["pick"]["picked"]
