@@ -333,8 +333,10 @@ def learn_cmd(args: argparse.Namespace) -> int:
         return _learn_pipeline(args, overrides)
     if args.prompt:
         raise MaskcError("--prompt needs --pipeline (a bare model folder has no text encoder)")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # torchrun: phase 2 splits the steps, phase 4 the calibration noises
+    # torchrun: one seed is learned by all processes together (phase 2 splits the steps, phase 4 the
+    # calibration noises); several seeds are split over the processes (maskc.pick.learn_best)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(args.seed) == 1
+    if distributed:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -357,7 +359,7 @@ def learn_cmd(args: argparse.Namespace) -> int:
     mask = _learner(args)(model, _scheduler(args.scheduler, args.train_steps), steps=args.steps, sample_shape=shape,
                           target=args.target, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale,
                           checkpoint_dir=args.checkpoint_dir, **overrides)
-    if not distributed or dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         mask.save(args.out)
         print(f"wrote {args.out}: {mask}, MACs fraction {mask.meta['provenance']['macs_fraction']:.3f}")
     if distributed:
@@ -590,7 +592,8 @@ def parser() -> argparse.ArgumentParser:
     ln = add("learn", learn_cmd, "learn a mask for a diffusers model folder or pipeline folder",
              "Learn a T x B mask that keeps about --target of the model's MACs (He & Gao 2026, with maskc's cache "
              "model) and write it as JSON. Give a model folder (--model) with a scheduler, or a diffusers pipeline "
-             "folder (--pipeline), whose scheduler and conditioning are used. Runs under torchrun too (--model).")
+             "folder (--pipeline), whose scheduler and conditioning are used. Runs under torchrun too (--model): one --seed is learned by all processes together, several are "
+             "split over them.")
     src = ln.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help=MODEL_HELP)
     src.add_argument("--pipeline", help="a diffusers pipeline folder (DiffusionPipeline.from_pretrained)")

@@ -12,8 +12,11 @@ Invariant: the result is, bit for bit, the mask that ``learn`` returns for one o
 PSNR; ties go to the earlier seed. ``meta["provenance"]["pick"]`` records every seed's
 selection PSNR and learning time.
 
-Under torchrun every seed is learned by all processes together (``learn`` splits its own
-work); the selection is scored on every process alike.
+Under torchrun the seeds are split over the processes when no process group is up yet (as
+``maskc learn --seed 0 1 ...`` runs it): process r learns seeds r, r + N, ... alone, then
+``learn_best`` joins the processes (gloo, from torchrun's environment) only to gather the masks,
+and every process scores the selection alike and returns the same mask. With a process group
+already up, every seed is learned by all processes together (``learn`` splits its own work).
 """
 from __future__ import annotations
 
@@ -62,6 +65,30 @@ def selection_psnr(model: torch.nn.Module, scheduler: Any, steps: int, sample_sh
     return [roll.psnr(rectify_bits(m.bits, names, graph)[0]) for m in masks]
 
 
+def _seed_split() -> tuple[int, int]:
+    """(this process, processes) over which the seeds are split: torchrun's, when it started this process and
+    no process group is up yet; else (0, 1)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        return int(os.environ.get("RANK", "0")), world
+    return 0, 1
+
+
+def _gather(items: list, world: int) -> list:
+    """Every process's ``items``, concatenated in process order, on every process (a gloo group for the call)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, items)
+    finally:
+        dist.destroy_process_group()
+    return [x for part in parts for x in part]
+
+
 def learn_best(
     model: Any,
     scheduler: Any = None,
@@ -103,14 +130,21 @@ def learn_best(
         inputs = {"model": model, "scheduler": scheduler, "steps": steps, "sample_shape": sample_shape,
                   "cond": cond, "uncond": uncond, "guidance_scale": guidance_scale}
 
-    masks: list[Mask] = []
-    seconds: list[float] = []
-    for s in seeds:
+    rank, world = _seed_split()
+    learned: list[tuple[int, Any, float, int]] = []  # (seed, mask, learning seconds, process)
+    for s in [s for k, s in enumerate(seeds) if k % world == rank]:
         t0 = time.perf_counter()
         ckpt = os.path.join(checkpoint_dir, f"seed-{s}") if checkpoint_dir is not None else None
-        masks.append(learn(model, scheduler, steps, sample_shape, target=target, seed=s, cond=cond, uncond=uncond,
-                           guidance_scale=guidance_scale, checkpoint_dir=ckpt, progress=progress, **learn_kw))
-        seconds.append(time.perf_counter() - t0)
+        m = learn(model, scheduler, steps, sample_shape, target=target, seed=s, cond=cond, uncond=uncond,
+                  guidance_scale=guidance_scale, checkpoint_dir=ckpt, progress=progress and rank == 0, **learn_kw)
+        learned.append((s, m, time.perf_counter() - t0, rank))
+    if world > 1:
+        learned = _gather([(s, m.to_dict(), sec, r) for s, m, sec, r in learned], world)
+        learned = [(s, Mask.from_dict(d), sec, r) for s, d, sec, r in learned]
+    by_seed: dict[int, tuple[Mask, float, int]] = {}
+    for s, m, sec, r in learned:
+        by_seed.setdefault(s, (m, sec, r))
+    masks = [by_seed[s][0] for s in seeds]
     t0 = time.perf_counter()
     with torch.no_grad():
         scores = selection_psnr(inputs["model"], inputs["scheduler"], inputs["steps"], inputs["sample_shape"], masks,
@@ -123,12 +157,14 @@ def learn_best(
         "picked": seeds[k],
         "selection_psnr": [float(v) for v in scores],
         "macs_fraction": [float(m.meta["provenance"]["macs_fraction"]) for m in masks],
-        "learning_seconds": [round(v, 1) for v in seconds],
+        "learning_seconds": [round(by_seed[s][1], 1) for s in seeds],
+        "learned_by": [by_seed[s][2] for s in seeds],
+        "processes": world,
         "selection_seconds": round(time.perf_counter() - t0, 1),
         "n_select": int(n_select),
         "select_seed": int(select_seed),
     }
-    if progress and _dist_rank_world()[0] == 0:
+    if progress and max(rank, _dist_rank_world()[0]) == 0:
         print("learn_best: selection PSNR " + ", ".join(f"seed {s} {v:.2f} dB" for s, v in zip(seeds, scores))
               + f"; kept seed {seeds[k]}")
     return best

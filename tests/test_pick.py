@@ -86,3 +86,29 @@ def test_checkpoints_one_folder_per_seed(tmp_path) -> None:
     assert all((tmp_path / d / "learn_state.json").exists() for d in ("seed-0", "seed-1"))
     again = run()  # both seeds resume from their finished checkpoints
     assert again == first and again.meta["provenance"]["pick"]["picked"] == first.meta["provenance"]["pick"]["picked"]
+
+
+@pytest.mark.slow
+def test_torchrun_splits_the_seeds_over_the_processes(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    model_dir = str(tmp_path / "model")
+    archs.small_unet(sample_size=16, channels=1).save_pretrained(model_dir)
+    common = ["learn", "--model", model_dir, "--steps", "5", "--target", "0.6", "--batch", "2", "--iters", "8",
+              "--search-evals", "20", "--search-batch", "2", "--seed", "3", "4", "5", "--n-select", "2",
+              "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "maskc", *common, "--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29534", "-m", "maskc", *common, "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (maskc.Mask.load(tmp_path / f) for f in ("one.json", "two.json"))
+    pa, pb = a.meta["provenance"]["pick"], b.meta["provenance"]["pick"]
+    assert a == b and pa["picked"] == pb["picked"] and pa["selection_psnr"] == pb["selection_psnr"]
+    assert pa["processes"] == 1 and pa["learned_by"] == [0, 0, 0]
+    assert pb["processes"] == 2 and pb["learned_by"] == [0, 1, 0]  # seed k on process k % 2, each learned once
