@@ -126,9 +126,10 @@ def main() -> None:
     name = f"learn_speed_{a.model}" + (f"_seeds{'-'.join(map(str, a.seeds))}" if picks else "")
     with open(os.path.join(a.out, name + ".json"), "w") as f:
         json.dump(out, f, indent=1)
-    what = f"maskc.pick.learn_best over seeds {', '.join(map(str, a.seeds))}" if picks else "maskc.learn"
+    seeds = ", ".join(map(str, a.seeds))
+    what = f"maskc.pick.learn_best over seeds {seeds}" if picks else "maskc.learn"
     lines = [f"# {what} wall time: shipped {a.model}, DDIM {a.steps} steps, target {a.target}", "",
-             f"Command: `{out['command']}`  ", f"Machine: {out['machine']}; date {out['date']}; seed(s) {', '.join(map(str, a.seeds))}; "
+             f"Command: `{out['command']}`  ", f"Machine: {out['machine']}; date {out['date']}; seed(s) {seeds}; "
              f"{a.rounds} interleaved rounds, each a fresh process (imports and model load included).  ",
              f"Identical masks across configurations: **{same}**.", "",
              "| configuration | median (s) | min-max (s) | speed-up vs 1 process, 2 threads | vs 1 process, 1 thread |",

@@ -592,8 +592,8 @@ def parser() -> argparse.ArgumentParser:
     ln = add("learn", learn_cmd, "learn a mask for a diffusers model folder or pipeline folder",
              "Learn a T x B mask that keeps about --target of the model's MACs (He & Gao 2026, with maskc's cache "
              "model) and write it as JSON. Give a model folder (--model) with a scheduler, or a diffusers pipeline "
-             "folder (--pipeline), whose scheduler and conditioning are used. Runs under torchrun too (--model): one --seed is learned by all processes together, several are "
-             "split over them.")
+             "folder (--pipeline), whose scheduler and conditioning are used. Runs under torchrun too (--model): "
+             "one --seed is learned by all processes together, several are split over them.")
     src = ln.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help=MODEL_HELP)
     src.add_argument("--pipeline", help="a diffusers pipeline folder (DiffusionPipeline.from_pretrained)")
