@@ -9,7 +9,9 @@ mask, the pick and every peer the bench kept at that level on ``--n`` evaluation
 neither learning, the pick nor the tables use (seed 999, as search_batch.md). Each sample's
 PSNR is against the original's from the same noise; margins carry 95% paired-bootstrap
 intervals over the evaluation noises. Rows "pick of the first k seeds" show what k
-searches (k times the learning time) buy.
+searches (k times the learning time) buy. Each relearned mask is kept in
+``results/masks/search_pick/`` as soon as it is learned, and a later run under the same code
+version reuses it, so a run stopped while scoring does not learn again.
 
 Usage: python benchmarks/bench_search_pick.py [--cases unet_ddim20:0.5 dit_dpmpp10:0.5]
            [--seeds 1 2] [--n 128] [--n-select 32] [--threads 1]
@@ -24,6 +26,8 @@ import time
 
 import torch
 
+import maskc
+from maskc.bench import code_version
 from maskc.eval import psnr_per_sample
 from maskc.rollout import Rollout
 
@@ -45,9 +49,19 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
     masks = {cfg["seed"]: stored.bits}
     seconds = {cfg["seed"]: stored.meta["provenance"].get("learning_seconds")}
     for s in order[1:]:
+        keep = os.path.join(results, "masks", "search_pick", f"bench_{stem}_{target:g}_seed{s}.json")
+        if os.path.exists(keep) and maskc.Mask.load(keep).meta["provenance"].get("pick_key") == [code_version(), s]:
+            kept = maskc.Mask.load(keep)  # learned by an earlier run that stopped before scoring (same code, seed)
+            masks[s], seconds[s] = kept.bits, kept.meta["provenance"]["learning_seconds"]
+            log(f"bench_{stem} {target:g}: seed {s} reused from {keep}")
+            continue
         t0 = time.perf_counter()
-        masks[s] = relearn(ev, cfg, target, seed=s).bits
+        learned = relearn(ev, cfg, target, seed=s)
         seconds[s] = time.perf_counter() - t0
+        masks[s] = learned.bits
+        learned.meta.setdefault("provenance", {}).update(pick_key=[code_version(), s], learning_seconds=seconds[s])
+        os.makedirs(os.path.dirname(keep), exist_ok=True)
+        learned.save(keep)
         log(f"bench_{stem} {target:g}: seed {s} in {seconds[s]:.0f} s")
 
     names = list(stored.names)
