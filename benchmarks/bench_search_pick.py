@@ -50,8 +50,9 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
     seconds = {cfg["seed"]: stored.meta["provenance"].get("learning_seconds")}
     for s in order[1:]:
         keep = os.path.join(results, "masks", "search_pick", f"bench_{stem}_{target:g}_seed{s}.json")
-        if os.path.exists(keep) and maskc.Mask.load(keep).meta["provenance"].get("pick_key") == [code_version(), s]:
-            kept = maskc.Mask.load(keep)  # learned by an earlier run that stopped before scoring (same code, seed)
+        kept = maskc.Mask.load(keep) if os.path.exists(keep) else None
+        if kept is not None and kept.meta["provenance"].get("pick_key") == [code_version(), s]:
+            # learned by an earlier run that stopped before scoring (same code, seed)
             masks[s], seconds[s] = kept.bits, kept.meta["provenance"]["learning_seconds"]
             log(f"bench_{stem} {target:g}: seed {s} reused from {keep}")
             continue
