@@ -11,7 +11,7 @@ PSNR is against the original's from the same noise; margins carry 95% paired-boo
 intervals over the evaluation noises. Rows "pick of the first k seeds" show what k
 searches (k times the learning time) buy. Each relearned mask is kept in
 ``results/masks/search_pick/`` as soon as it is learned, and a later run under the same code
-version reuses it, so a run stopped while scoring does not learn again.
+version, seed and learning settings reuses it, so a run stopped while scoring does not learn again.
 
 Usage: python benchmarks/bench_search_pick.py [--cases unet_ddim20:0.5 dit_dpmpp10:0.5]
            [--seeds 1 2] [--n 128] [--n-select 32] [--threads 1]
@@ -37,6 +37,12 @@ from bench_search_batch import _interval, case_parser, relearn, run_meta, stored
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def pick_key(cfg: dict, seed: int) -> dict:
+    """What a kept relearned mask must match to be reused: the code, the seed and every learning setting."""
+    return {"code": code_version(), "seed": seed, "sampler": cfg["sampler"], "steps": cfg["steps"],
+            "learn_kwargs": cfg.get("learn_kwargs", {})}
+
+
 def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, n_select: int,
               log=print) -> dict:
     """The stored mask and the masks learned with ``seeds``, picked on n_select noises, scored on n others."""
@@ -51,8 +57,8 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
     for s in order[1:]:
         keep = os.path.join(results, "masks", "search_pick", f"bench_{stem}_{target:g}_seed{s}.json")
         kept = maskc.Mask.load(keep) if os.path.exists(keep) else None
-        if kept is not None and kept.meta["provenance"].get("pick_key") == [code_version(), s]:
-            # learned by an earlier run that stopped before scoring (same code, seed)
+        if kept is not None and kept.meta["provenance"].get("pick_key") == pick_key(cfg, s):
+            # learned by an earlier run that stopped before scoring (same code, seed and learning settings)
             masks[s], seconds[s] = kept.bits, kept.meta["provenance"]["learning_seconds"]
             log(f"bench_{stem} {target:g}: seed {s} reused from {keep}")
             continue
@@ -60,7 +66,7 @@ def pick_case(stem: str, target: float, seeds: list[int], results: str, n: int, 
         learned = relearn(ev, cfg, target, seed=s)
         seconds[s] = time.perf_counter() - t0
         masks[s] = learned.bits
-        learned.meta.setdefault("provenance", {}).update(pick_key=[code_version(), s], learning_seconds=seconds[s])
+        learned.meta.setdefault("provenance", {}).update(pick_key=pick_key(cfg, s), learning_seconds=seconds[s])
         os.makedirs(os.path.dirname(keep), exist_ok=True)
         learned.save(keep)
         log(f"bench_{stem} {target:g}: seed {s} in {seconds[s]:.0f} s")
