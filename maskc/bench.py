@@ -20,8 +20,11 @@ with DDIM or DPM-Solver++ (``sampler``) and T steps:
 Steps 2-4 keep what they finish under ``<out>/partial/<name>/`` (the peer selection, the
 original's samples, each method's row, and each finished batch of the method being sampled),
 keyed by everything that decides it: an interrupted run resumes where it stopped, at the
-batch, and ``shards`` processes (``--shard K/N``) split the methods (and the original's batches);
-whichever finds every row done writes the table and removes the folder.
+batch, and ``shards`` processes (``--shard K/N``) split the methods (and the original's batches).
+A shard samples its own methods first, then helps with the other shards' unfinished ones from the
+last backwards (two processes on one method split its batches), so shards that finish at
+different times do not leave a core idle; whichever finds every row done writes the table and
+removes the folder.
 
 Nothing in the tables is typed by hand: every figure comes from this run.
 """
@@ -162,11 +165,27 @@ class BenchConfig:
     reuse_masks: bool = True  # load learned masks from <out>/masks/ when their settings match
     shard: int = 0  # this process samples the methods whose index i (the original first) has i % shards == shard
     shards: int = 1
+    help_shards: bool = True  # then the other shards' unfinished methods, from the last backwards
     learn_kwargs: dict = field(default_factory=dict)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg``; returns the result dict written to JSON."""
+    """Run the benchmark described by ``cfg``; returns the result dict written to JSON.
+
+    Only the process that takes ``table.lock`` (once every row is stored) writes the table; a
+    run that fails after taking it lets it go, so a rerun in the same process is not refused."""
+    held: list[str] = []
+    try:
+        return _run_bench(cfg, log, held)
+    finally:
+        for lock in held:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:  # removed with the partial folder once the table is written
+                pass
+
+
+def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) -> dict[str, Any]:
     import maskc
     from maskc import schedules
     from maskc.eval import (FMNISTFeatures, fidelity, generation_macs, interleaved_times, peak_memory,
@@ -350,12 +369,20 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         floor = feats.floor(cfg.n)
         log(f"real-vs-real floor at n={cfg.n}: {floor}")
 
-        def sample_all(fn: Any, reset: Callable[[], None] | None, ident: Any) -> torch.Tensor:
+        def sample_all(fn: Any, reset: Callable[[], None] | None, ident: Any,
+                       done: Callable[[], bool] = lambda: False) -> torch.Tensor:
             """The n samples of ``fn``, batch by batch, each stored as it finishes: a killed process resumes
             the method at its first missing batch (a batch depends on its noises alone), and processes
             sampling the same method together split its batches (``_split_work``: each makes the batches
-            no other process is making and reads the others' once stored). ``drop_batches`` removes them."""
+            no other process is making and reads the others' once stored). ``drop_batches`` removes them
+            once the method's row is stored; a batch missing while ``done()`` raises ``_RowStored``."""
             stored_as = batch_names(ident)
+
+            def load(i: int) -> torch.Tensor | None:
+                x = part.get_tensor(stored_as[i])
+                if x is None and done():  # another process finished the method and dropped its batches
+                    raise _RowStored
+                return x
 
             def make(i: int) -> torch.Tensor:
                 lab = labels[i:i + cfg.batch] if labels is not None else None
@@ -364,7 +391,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 return x
 
             os.makedirs(part.dir, exist_ok=True)
-            got = _split_work(list(stored_as), lambda i: part.get_tensor(stored_as[i]), make,
+            got = _split_work(list(stored_as), load, make,
                               lambda i: os.path.join(part.dir, stored_as[i] + ".lock"), log)
             return torch.cat([x for x, _ in got])
 
@@ -388,6 +415,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         ids = [("original (full model)", None)] + [(m["method"], _bits_digest(m["mask"])) for m in methods]
         todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
+        if cfg.help_shards:  # then the others' from the last backwards: the owners go forwards, so they meet late
+            todo += [i for i, ident in reversed(list(enumerate(ids)))
+                     if i % cfg.shards != cfg.shard and part.get("row", ident) is None]
         ref = None
         if todo:  # every shard needs the original's samples: those that start together split its batches
             ref = part.get_tensor("original")
@@ -397,7 +427,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
                 part.put_tensor("original", ref)  # its batches stay until the table is written: another
                 # shard may still be reading them
-        if todo and todo[0] == 0:
+        if 0 in todo and part.get("row", ids[0]) is None:
             row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
                    **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
             part.put("row", ids[0], row)
@@ -406,12 +436,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
         shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
         for i in tqdm([i for i in todo if i > 0], desc=f"sampling {cfg.n} per method{shard}", unit="method"):
-            if part.get("row", ids[i]) is not None:  # another process with an overlapping --shard finished it
+            if not os.path.isdir(part.dir):  # another process stored the last row and wrote the table
+                break
+            if part.get("row", ids[i]) is not None:  # another process (its owner, or a helper) finished it
                 continue
             m = methods[i - 1]
             tm = maskc.compile(model, m["mask"])
             t0 = time.perf_counter()
-            imgs = sample_all(tm, tm.reset, ids[i])
+            try:
+                imgs = sample_all(tm, tm.reset, ids[i], done=lambda i=i: (part.get("row", ids[i]) is not None
+                                                                         or not os.path.isdir(part.dir)))
+            except _RowStored:
+                continue
             f = frac(m["mask"])
             row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
                    "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
@@ -425,10 +461,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             part.put("row", ids[i], row)
             drop_batches(ids[i])
             log(f"{row} ({time.perf_counter() - t0:.0f} s)")
+        if todo and not os.path.isdir(part.dir):
+            return None, {"missing": [], "done": len(ids), "writer": "another process (done)"}, None, selection
         rows = [part.get("row", ident) for ident in ids]
         missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
         if missing:
             return None, {"missing": missing, "done": len(rows) - len(missing)}, None, selection
+        table_lock = os.path.join(part.dir, "table.lock")  # shards that finish together: one writes the table
+        try:  # (the lock stays until the folder goes; a dead writer's is taken over)
+            while not _try_lock(table_lock, stale_s=60.0):
+                if os.path.exists(table_lock):
+                    writer = f"process {_lock_pid(table_lock)}"
+                    return None, {"missing": [], "done": len(rows), "writer": writer}, None, selection
+        except FileNotFoundError:  # the folder went meanwhile: the writer has finished
+            return None, {"missing": [], "done": len(rows), "writer": "another process (done)"}, None, selection
+        held.append(table_lock)
         for r, m in zip(rows[1:], methods):  # how this run found each mask, not how the one that sampled it did
             if "learned_afresh" in m:
                 r["learned_afresh"], r["learning_s"] = m["learned_afresh"], m["learning_s"]
@@ -462,6 +509,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     else:
         rows, floor, main, selection = quality_phase()
         quality_date = None
+        if rows is None and not floor["missing"]:
+            log(f"every row is stored; the table is written by {floor['writer']}")
+            return {"incomplete": True, **floor, "partial": part.dir}
         if rows is None:
             log(f"shard {cfg.shard}/{cfg.shards} done; {floor['done']} of {floor['done'] + len(floor['missing'])} "
                 f"rows are in {part.dir}, still to sample: {', '.join(floor['missing'])}. The run that finishes the "
@@ -524,6 +574,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     log(f"wrote {cfg.out}/{name}.md, .json and {len(plots)} plots"
         + ("" if timed else " (quality only; run again with --phase time for wall time and memory)"))
     return res
+
+
+def _lock_pid(path: str) -> str:
+    """The pid written in lock file ``path`` ("?" if it is gone or still empty)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or "?"
+    except FileNotFoundError:
+        return "?"
 
 
 def _lock_alive(path: str, stale_s: float) -> bool:
@@ -598,6 +657,10 @@ def _split_work(items: list, load: Callable[[Any], Any], make: Callable[[Any], A
         if not progressed and len(out) < len(items):
             time.sleep(poll)
     return [out[i] for i in range(len(items))]
+
+
+class _RowStored(Exception):
+    """Raised inside a method's sampling when another process has stored its row meanwhile."""
 
 
 class _Partial:

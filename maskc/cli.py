@@ -540,7 +540,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
         time_batch=args.time_batch, time_reps=args.time_reps, memory=not args.no_memory, threads=args.threads,
         time_threads=args.time_threads, phase=args.phase,
         seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn,
-        shard=args.shard[0], shards=args.shard[1]))
+        shard=args.shard[0], shards=args.shard[1], help_shards=not args.own_shard_only))
     return 0
 
 
@@ -707,9 +707,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default="", help="result file name (default: derived from the model and steps)")
     b.add_argument("--relearn", action="store_true", help="learn again even if a matching mask is in <out>/masks")
     b.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
-                   help="sample only methods K, K+N, ... (the original is method 0); finished rows are kept under "
+                   help="sample methods K, K+N, ... first (the original is method 0), then help with the other "
+                        "shards' unfinished methods from the last backwards; finished rows and batches are kept under "
                         "<out>/partial/<name>, so N processes split the quality phase and an interrupted run "
-                        "resumes; whichever finds every row done writes the table (default: 0/1, all methods)")
+                        "resumes; one of the runs that find every row done writes the table "
+                        "(default: 0/1, all methods)")
+    b.add_argument("--own-shard-only", action="store_true",
+                   help="with --shard K/N, sample only methods K, K+N, ... and stop (no help with other shards')")
 
     v = add("viz", viz_cmd, "the graph diff page of one step against the original (self-contained HTML)",
             "Write one HTML page (inline SVG and CSS, nothing loaded from the network) for step --step: the block "

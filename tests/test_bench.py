@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
         (sharded / "masks" / f.name).write_bytes(f.read_bytes())
     n_rows = len(whole["rows"])
     logs: list[str] = []
-    first = run_bench(BenchConfig(**kw, out=str(sharded), shard=0, shards=2), log=logs.append)
+    first = run_bench(BenchConfig(**kw, out=str(sharded), shard=0, shards=2, help_shards=False), log=logs.append)
     assert first["incomplete"] and first["done"] == (n_rows + 1) // 2
     assert first["missing"] == [r["method"] for r in whole["rows"][1::2]]
     assert not (sharded / "bench_unet_ddim3.md").exists()
@@ -193,13 +194,13 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     # so the stored one is put back afterwards)
     learned = {f: f.read_bytes() for f in (sharded / "masks").glob("*_learned_*")}
     monkeypatch.setattr(maskc.bench, "code_version", lambda: "edited-code")
-    other = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2), log=lambda s: None)
+    other = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2, help_shards=False), log=lambda s: None)
     assert other["incomplete"] and other["missing"][0] == "original (full model)"
     monkeypatch.undo()
     for f, b in learned.items():
         f.write_bytes(b)
     logs.clear()
-    second = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2), log=logs.append)
+    second = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2, help_shards=False), log=logs.append)
     assert any("reusing the peer selection" in s for s in logs)
     assert not any(s.startswith("original:") for s in logs)  # the original's samples were stored by shard 0
     assert sum(s.startswith("{'method'") for s in logs) == n_rows // 2  # only its own rows were sampled
@@ -214,12 +215,111 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert not (sharded / "partial").exists()
 
 
-def _whole_run_and_a_fresh_folder(tmp_path) -> tuple[dict, dict, pathlib.Path]:
-    """(settings of a 3-row bench, its uninterrupted result in tmp_path/one, tmp_path/two holding only its
-    learned mask): runs in the fresh folder sample every row again, without learning again."""
-    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=(2,),
-              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), random=False, threads=1, phase="quality",
-              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+@pytest.mark.slow
+def test_a_shard_alone_samples_its_own_rows_then_helps_from_the_last(tmp_path) -> None:
+    """Shard 0/2 run alone samples its own methods (0, 2, 4), then the other shard's from the last backwards
+    (3, then 1), and writes the same table as one process."""
+    kw, whole, out = _whole_run_and_a_fresh_folder(tmp_path, deepcache=(2, 3), step_reuse=(2,))
+    methods = [r["method"] for r in whole["rows"]]
+    assert len(methods) == 5
+    logs: list[str] = []
+    alone = run_bench(BenchConfig(**kw, out=str(out), shard=0, shards=2), log=logs.append)
+    sampled = [m.group(1) for m in (re.match(r"\{'method': '([^']*)'", s) for s in logs) if m]
+    assert sampled == [methods[i] for i in (0, 2, 4, 3, 1)]
+    key = ("method", "macs_fraction", "fd", "kid", "psnr", "ssim", "fd_ci", "fd_ratio_ci")
+    assert [{k: r.get(k) for k in key} for r in alone["rows"]] == [{k: r.get(k) for k in key} for r in whole["rows"]]
+    assert not (out / "partial").exists()  # (help_shards=False: test_bench_shards_resume)
+
+
+@pytest.mark.slow
+def test_shards_that_meet_on_a_method_split_it_and_one_writes_the_table(tmp_path) -> None:
+    """Two shard processes started together, each helping the other, meet on the learned mask's row (shard
+    1's first batch of it waits until shard 0, done with its own rows, has taken the other; shard 0 then
+    finishes the row, stores it and drops its batches while shard 1 waits for them). No batch of any
+    method is sampled twice (shard 1 moves on instead of sampling shard 0's dropped batch again), exactly
+    one shard writes the table, and it equals one process's."""
+    import subprocess
+    import sys
+
+    kw, whole, out = _whole_run_and_a_fresh_folder(tmp_path)
+    made = tmp_path / "made.txt"
+    made.touch()
+    procs = [subprocess.Popen([sys.executable, "-c", _MEETING_SHARD, json.dumps(kw), str(k), str(out), str(made),
+                               str(tmp_path / "one" / whole["rows"][1]["mask_file"]), str(tmp_path / f"res{k}.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    res = [json.loads((tmp_path / f"res{k}.json").read_text()) for k in (0, 1)]
+    calls = [line.split() for line in made.read_text().splitlines()]
+    for what in ("original", "learned", "peer"):
+        firsts = [v for _, w, v in calls if w == what]
+        assert len(firsts) == 2 and len(set(firsts)) == 2, calls  # each batch once
+    assert {k for k, w, _ in calls if w == "learned"} == {"0", "1"}  # they met on the learned mask's row
+    done = [k for k in (0, 1) if not res[k].get("incomplete")]
+    assert len(done) == 1, logs  # exactly one wrote the table
+    assert res[1 - done[0]]["missing"] == [] and "the table is written by" in logs[1 - done[0]]
+    key = ("method", "fd", "kid", "psnr", "ssim", "fd_ci")
+    assert [{k: x.get(k) for k in key} for x in res[done[0]]["rows"]] == [{k: x.get(k) for k in key}
+                                                                         for x in json.loads(json.dumps(whole["rows"]))]
+    assert not (out / "partial").exists()
+
+
+_MEETING_SHARD = """
+import json, os, sys, time
+import torch
+import maskc, maskc.bench, maskc.sampling
+from maskc.bench import BenchConfig, run_bench
+kw, shard, out, made, learned, res = json.loads(sys.argv[1]), sys.argv[2], *sys.argv[3:]
+bits, real, split = maskc.Mask.load(learned).bits, maskc.sampling.generate, maskc.bench._split_work
+
+def calls():
+    with open(made) as f:
+        return [line.split() for line in f.read().splitlines()]
+
+def generate(*a, **k):  # records (shard, method, first noise value of the batch) before sampling it
+    fn, t0 = a[0], time.time()
+    what = ("original" if k.get("reset") is None else
+            "learned" if getattr(fn, "mask", None) is not None and torch.equal(fn.mask.bits, bits) else "peer")
+    with open(made, "a") as f:
+        f.write(f"{shard} {what} {a[2][0, 0, 0, 0].item()!r}\\n")
+    if what == "original":  # held until both shards sample the original
+        while len({s for s, w, _ in calls() if w == "original"}) < 2 and time.time() - t0 < 60:
+            time.sleep(0.02)
+    elif what == "learned" and shard == "1":  # held until shard 0 has joined the learned mask's row
+        while not any(s == "0" and w == "learned" for s, w, _ in calls()) and time.time() - t0 < 60:
+            time.sleep(0.02)
+    elif what == "learned":  # shard 0 finishes the row last, so it stores the row and drops its batches
+        time.sleep(2)
+    return real(*a, **k)
+
+maskc.sampling.generate = generate  # this process only runs the test
+maskc.bench._split_work = lambda *a, **k: split(*a, **{**k, "poll": 0.05})
+
+class Clock:  # bench's time module, but shard 1 waits 15 s once it has sampled its batch of the learned mask:
+    # by then shard 0 has stored the row and dropped both batches, and shard 1 must move on instead of
+    # sampling shard 0's batch again
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, s):
+        learned = shard == "1" and any(c[:2] == ["1", "learned"] for c in calls())
+        time.sleep(15.0 if learned else s)
+
+maskc.bench.time = Clock()
+r = run_bench(BenchConfig(**kw, out=out, shard=int(shard), shards=2), log=print)
+with open(res, "w") as f:
+    json.dump({k: r.get(k) for k in ("incomplete", "missing", "rows")}, f)
+"""
+
+
+def _whole_run_and_a_fresh_folder(tmp_path, deepcache: tuple[int, ...] = (2,),
+                                  step_reuse: tuple[int, ...] = ()) -> tuple[dict, dict, pathlib.Path]:
+    """(settings of a bench with rows original, learned mask, DeepCache N for N in ``deepcache``, step reuse ...,
+    its uninterrupted result in tmp_path/one, tmp_path/two holding only its learned mask): runs in the fresh
+    folder sample every row again, without learning again."""
+    kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=deepcache,
+              deepcache_nonuniform=(), step_reuse=step_reuse, delta_threshold=(), random=False, threads=1,
+              phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
     out = tmp_path / "two"
     (out / "masks").mkdir(parents=True)

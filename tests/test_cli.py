@@ -317,3 +317,18 @@ def test_timing_report_warns_when_the_spread_is_wide() -> None:
     busy = {"original": [2.0, 3.1, 1.9, 2.6, 2.0], "maskc": [1.0, 1.6, 0.9, 1.3, 1.1]}
     lines, wide = timing_report(busy, 8, 2)
     assert wide and lines[-1].startswith("warning:") and "unreliable" in lines[-1]
+
+
+# -- bench -----------------------------------------------------------------------------------------
+
+def test_bench_shard_flags_reach_the_config(monkeypatch) -> None:
+    """`--shard K/N` helps the other shards unless `--own-shard-only`; a malformed shard is one error line."""
+    import maskc.bench
+
+    got: list = []
+    monkeypatch.setattr(maskc.bench, "run_bench", lambda cfg, **kw: got.append(cfg) or {})
+    assert main(["bench", "--model", "unet", "--shard", "1/2"]) == 0
+    assert main(["bench", "--model", "unet", "--shard", "0/3", "--own-shard-only"]) == 0
+    assert [(c.shard, c.shards, c.help_shards) for c in got] == [(1, 2, True), (0, 3, False)]
+    with pytest.raises(SystemExit):
+        parser().parse_args(["bench", "--shard", "1-2"])
