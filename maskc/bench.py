@@ -390,7 +390,6 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
                 part.put_tensor(stored_as[i], x)
                 return x
 
-            os.makedirs(part.dir, exist_ok=True)
             got = _split_work(list(stored_as), load, make,
                               lambda i: os.path.join(part.dir, stored_as[i] + ".lock"), log)
             return torch.cat([x for x, _ in got])
@@ -418,50 +417,60 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
         if cfg.help_shards:  # then the others' from the last backwards: the owners go forwards, so they meet late
             todo += [i for i, ident in reversed(list(enumerate(ids)))
                      if i % cfg.shards != cfg.shard and part.get("row", ident) is None]
-        ref = None
-        if todo:  # every shard needs the original's samples: those that start together split its batches
-            ref = part.get_tensor("original")
-            if ref is None:
-                t0 = time.perf_counter()
-                ref = sample_all(model, None, ids[0])
-                log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
-                part.put_tensor("original", ref)  # its batches stay until the table is written: another
-                # shard may still be reading them
-        if 0 in todo and part.get("row", ids[0]) is None:
-            row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
-                   **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
-            part.put("row", ids[0], row)
-            log(str(row))
-        from tqdm.auto import tqdm
+        os.makedirs(part.dir, exist_ok=True)
+        part.create = False  # from here on, the folder gone means the table's writer removed it
 
-        shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
-        for i in tqdm([i for i in todo if i > 0], desc=f"sampling {cfg.n} per method{shard}", unit="method"):
-            if not os.path.isdir(part.dir):  # another process stored the last row and wrote the table
-                break
-            if part.get("row", ids[i]) is not None:  # another process (its owner, or a helper) finished it
-                continue
-            m = methods[i - 1]
-            tm = maskc.compile(model, m["mask"])
-            t0 = time.perf_counter()
-            try:
-                imgs = sample_all(tm, tm.reset, ids[i], done=lambda i=i: (part.get("row", ids[i]) is not None
-                                                                         or not os.path.isdir(part.dir)))
-            except _RowStored:
-                continue
-            f = frac(m["mask"])
-            row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
-                   "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
-                   "target": m.get("target"), "mask_file": m.get("file"),
-                   **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
-                   **score(imgs, ids[i]), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
-            part.put_tensor(f"psnr-{_digest(ids[i])}", psnr_per_sample(imgs, ref))
-            if m.get("file") is None:
-                m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
-                row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
-            part.put("row", ids[i], row)
-            drop_batches(ids[i])
-            log(f"{row} ({time.perf_counter() - t0:.0f} s)")
-        if todo and not os.path.isdir(part.dir):
+        def gone() -> bool:
+            return not os.path.isdir(part.dir)
+
+        try:  # a write into the removed folder raises FileNotFoundError; a batch missing there, _RowStored
+            ref = None
+            if todo:  # every shard needs the original's samples: those that start together split its batches
+                ref = part.get_tensor("original")
+                if ref is None:
+                    t0 = time.perf_counter()
+                    ref = sample_all(model, None, ids[0], done=gone)
+                    log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
+                    part.put_tensor("original", ref)  # its batches stay until the table is written: another
+                    # shard may still be reading them
+            if 0 in todo and part.get("row", ids[0]) is None:
+                row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
+                       **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                part.put("row", ids[0], row)
+                log(str(row))
+            from tqdm.auto import tqdm
+
+            shard = f" (shard {cfg.shard}/{cfg.shards})" if cfg.shards > 1 else ""
+            for i in tqdm([i for i in todo if i > 0], desc=f"sampling {cfg.n} per method{shard}", unit="method"):
+                if gone():  # another process stored the last row and wrote the table
+                    break
+                if part.get("row", ids[i]) is not None:  # another process (its owner, or a helper) finished it
+                    continue
+                m = methods[i - 1]
+                tm = maskc.compile(model, m["mask"])
+                t0 = time.perf_counter()
+                try:
+                    imgs = sample_all(tm, tm.reset, ids[i],
+                                      done=lambda i=i: part.get("row", ids[i]) is not None or gone())
+                except _RowStored:
+                    continue
+                f = frac(m["mask"])
+                row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
+                       "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
+                       "target": m.get("target"), "mask_file": m.get("file"),
+                       **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
+                       **score(imgs, ids[i]), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                part.put_tensor(f"psnr-{_digest(ids[i])}", psnr_per_sample(imgs, ref))
+                if m.get("file") is None:
+                    m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
+                    row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
+                part.put("row", ids[i], row)
+                drop_batches(ids[i])
+                log(f"{row} ({time.perf_counter() - t0:.0f} s)")
+        except (_RowStored, FileNotFoundError):
+            if not gone():
+                raise
+        if todo and gone():
             return None, {"missing": [], "done": len(ids), "writer": "another process (done)"}, None, selection
         rows = [part.get("row", ident) for ident in ids]
         missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
@@ -676,6 +685,7 @@ class _Partial:
     def __init__(self, folder: str, key: dict[str, Any]) -> None:
         self.root = folder
         self.dir = os.path.join(folder, _digest(key))
+        self.create = True  # writes make the folder; False: a write into a removed folder raises FileNotFoundError
 
     def _path(self, kind: str, ident: Any) -> str:
         return os.path.join(self.dir, f"{kind}-{_digest(ident)}.json")
@@ -690,7 +700,8 @@ class _Partial:
     def put(self, kind: str, ident: Any, value: Any) -> None:
         from maskc.learn import _atomic_json  # the learner's checkpoint writer
 
-        os.makedirs(self.dir, exist_ok=True)
+        if self.create:
+            os.makedirs(self.dir, exist_ok=True)
         _atomic_json(self._path(kind, ident), value)
 
     def get_tensor(self, kind: str) -> torch.Tensor | None:
@@ -723,7 +734,8 @@ class _Partial:
 
         from safetensors.torch import save_file
 
-        os.makedirs(self.dir, exist_ok=True)
+        if self.create:
+            os.makedirs(self.dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.dir)
         os.close(fd)
         save_file({"x": x.contiguous()}, tmp)

@@ -385,7 +385,8 @@ def test_shards_started_together_split_the_originals_batches(tmp_path, monkeypat
         if k.get("reset") is None:  # the original's batch: held until both shards are sampling it
             made.append((threading.current_thread().name, a[2][0, 0, 0, 0].item()))
             t0 = time.time()
-            while len({t for t, _ in made}) < 2 and time.time() - t0 < 30:
+            while len({t for t, _ in made}) < 2 and time.time() - t0 < 300:  # a bound, not a timing: under
+                # load the other thread may take over 30 s to get here, and then one shard samples every batch
                 time.sleep(0.01)
         return real(*a, **k)
 
@@ -413,6 +414,29 @@ def test_shards_started_together_split_the_originals_batches(tmp_path, monkeypat
     key = ("method", "fd", "kid", "psnr", "ssim", "fd_ci")
     for r in done:
         assert [{k: x.get(k) for k in key} for x in r["rows"]] == [{k: x.get(k) for k in key} for x in whole["rows"]]
+
+
+def test_a_shard_stops_when_the_table_is_written_under_it(tmp_path, monkeypatch) -> None:
+    """A shard whose partial folder goes while it samples (another shard stored the last row, wrote the
+    table and removed the folder) stops and says so: no error, and it does not make the folder again."""
+    import shutil
+
+    import maskc.sampling
+
+    kw, _, out = _whole_run_and_a_fresh_folder(tmp_path)
+    real = maskc.sampling.generate
+
+    def generate(*a, **k):
+        x = real(*a, **k)
+        if k.get("reset") is None:  # the original's first batch: meanwhile the other shard finishes the table
+            for d in (out / "partial").glob("*/*"):
+                shutil.rmtree(d)
+        return x
+
+    monkeypatch.setattr(maskc.sampling, "generate", generate)
+    res = run_bench(BenchConfig(**kw, out=str(out), shard=1, shards=2), log=lambda s: None)
+    assert res.get("incomplete") and res["writer"] == "another process (done)" and not res["missing"]
+    assert not list((out / "partial").glob("*/*"))
 
 
 def test_shards_make_a_shared_piece_once(tmp_path) -> None:
