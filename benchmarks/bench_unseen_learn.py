@@ -47,7 +47,8 @@ TOPOLOGIES = {
 SHORT = {"unet": "UNet2DModel, width 40, 1 ResNet/level", "dit": "DiT, 8 layers x 96, patch 4",
          "sd": "UNet2DConditionModel, 32/48/64, cross-attn"}
 JUDGED = ("DeepCache uniform", "FORA", "step-level reuse uniform", "step-level reuse non-uniform")
-BELOW, ABOVE = 0.03, 0.01  # the budget window: [target - BELOW, target + ABOVE]
+BELOW, ABOVE = 0.03, 0.01  # the issue's budget window [target - BELOW, target + ABOVE]: written here, not read
+# from the learner's provenance["budget_window"], so a learner that widened its own window would fail this check
 
 
 def training_info(out: str) -> dict:
@@ -160,21 +161,25 @@ def main() -> None:
              f"Command: `{res['command']}`  ",
              f"Machine: {res['machine']}; date {res['date']}; {res['wall_minutes']:.0f} min in all. Training seed(s) "
              f"{sorted({t['seed'] for t in training.values()})}, "
-             f"{max(t['minutes'] for t in training.values()):.0f} min each (all at once, one thread each); learning seed 0, {sampler}, "
+             f"{max(t['minutes'] for t in training.values()):.0f} min each (all at once, one thread each); "
+             f"learning seed 0, {sampler}, "
              f"held-out noise seed 1234, {a.n} samples (bench_learn.py; guidance 2.0 for the conditional models)."
              + (" The models were trained by an earlier run of this script into the same --work folder; the wall time "
                 "is learning and scoring only." if "--skip-training" in res["command"] else "") + "  ",
-             f"Judged (the issue): MACs within [target - {BELOW}, target + {ABOVE}], and PSNR margin >= 0 over the best member of no more MACs "
+             f"Judged (the issue): MACs within [target - {BELOW}, target + {ABOVE}], and PSNR margin >= 0 over the "
+             "best member of no more MACs "
              "of each of DeepCache uniform, FORA, step-level reuse uniform and non-uniform. Margin = learned PSNR "
              "minus that peer's, in dB; the other families are reported, not judged. FORA (every block recomputed every N "
              "steps) has the same bits as step-level reuse uniform, so the peer library keeps one of them and both "
              "columns show it. DeepCache applies to U-Nets only.", "",
-             "| model | trained | target | MACs | in budget | steps with some blocks skipped, not all | PSNR dB | learn s | " + " | ".join(fams) + " | beats judged |",
+             "| model | trained | target | MACs | in budget | steps with some blocks skipped, not all | PSNR dB | "
+             "learn s | " + " | ".join(fams) + " | beats judged |",
              "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|"]
     for r in results.values():
         m, t = r["model"], r["training"]
         lines.append(f"| {m}: {SHORT[m]}, {t['parameters'] / 1e6:.2f}M | {t['steps']} steps, loss "
-                     f"{t['final_loss_last100']:.4f} | {r['target']} | {r['macs_fraction']:.3f} | {'yes' if r['in_budget'] else '**no**'} "
+                     f"{t['final_loss_last100']:.4f} | {r['target']} | {r['macs_fraction']:.3f} | "
+                     f"{'yes' if r['in_budget'] else '**no**'} "
                      f"| {r['partial_steps']} of {r['steps']} | {r['psnr']:.2f} | {r['learn_seconds']:.0f} | "
                      + " | ".join(f"{r['margins'][f]:+.2f}" if f in r["margins"] else "-" for f in fams)
                      + f" | {'yes' if r['beats_judged'] else '**no**'} |")
