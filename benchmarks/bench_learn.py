@@ -26,7 +26,7 @@ import time
 import torch
 
 import maskc
-from maskc.eval import fidelity
+from maskc.eval import bootstrap_counts, fidelity, interval, psnr_per_sample
 from maskc.learn import measured_flops
 from maskc.models.shipped import load_pretrained
 from maskc.sampling import generate
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="learning seed; held-out noise is seed 1234 + this")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="paired resamples of the held-out noises (seed 0)")
     ap.add_argument("--ablation", action="store_true", help="also learn without the trajectory search, with the original's and with the masked cache")
     ap.add_argument("--learn", nargs="*", default=[], help="LearnConfig overrides, key=value")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -110,10 +111,16 @@ def main() -> None:
 
     reference = generate(model, sched, noise, a.steps, call_kw, guidance)
 
-    def quality(mask) -> dict:
+    counts = bootstrap_counts(a.n, a.bootstrap, 0)
+
+    def quality(mask) -> tuple[dict, torch.Tensor]:
         tm = maskc.compile(model, mask)
         img = generate(tm, sched, noise, a.steps, call_kw, guidance, reset=tm.reset)
-        return fidelity(img, reference)
+        return fidelity(img, reference), psnr_per_sample(img, reference)
+
+    def margin_ci(learned_ps: torch.Tensor, peer_ps: torch.Tensor) -> list[float]:
+        """95% paired-bootstrap interval of the mean PSNR margin (same resamples of the noises for both)."""
+        return interval(counts @ (learned_ps - peer_ps).double() / a.n)
 
     name = a.name or f"learn_{os.path.basename(folder.rstrip('/'))}_{a.sampler}{a.steps}"
     rows = []
@@ -134,9 +141,13 @@ def main() -> None:
             mask_file = os.path.join("masks", f"{name}_{'learned' if not extra else 'ablation'}"
                                      f"{'_' + '-'.join(map(str, extra.values())) if extra else ''}_{target}.json")
             m.save(os.path.join(a.out, mask_file))
+            q, ps = quality(m)
             rows.append({"target": target, "method": label, "macs_fraction": f, "learn_seconds": secs,
-                         **quality(m), "calibration": m.meta["provenance"].get("search"), "mask_file": mask_file,
-                         "kept_per_step": kept.tolist(), "partial_steps": int(((kept > 0) & (kept < 1)).sum())})
+                         **q, "calibration": m.meta["provenance"].get("search"), "mask_file": mask_file,
+                         "kept_per_step": kept.tolist(), "partial_steps": int(((kept > 0) & (kept < 1)).sum()),
+                         "psnr_per_sample": [round(float(v), 4) for v in ps]})
+            if not extra:
+                learned_ps = ps
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("calibration", "kept_per_step")}), flush=True)
         m, f_learned = learned["learned"]
         p_learned = next(r["psnr"] for r in rows if r["target"] == target and r["method"] == "learned")
@@ -148,12 +159,15 @@ def main() -> None:
             if f > f_learned + 1e-9:
                 continue
             fam = p.meta["provenance"]["method"]
-            q = quality(p)
+            q, ps = quality(p)
             settings = {k: v for k, v in p.meta["provenance"].items() if k not in ("method", "full_steps")}
             if fam not in best or q["psnr"] > best[fam]["psnr"]:
-                best[fam] = {"target": target, "method": fam, "settings": settings, "macs_fraction": f, **q}
+                best[fam] = {"target": target, "method": fam, "settings": settings, "macs_fraction": f, **q,
+                             "psnr_per_sample": ps}
         for fam, r in sorted(best.items(), key=lambda kv: -kv[1]["psnr"]):
-            rows.append({**r, "margin_db": p_learned - r["psnr"]})
+            ps = r["psnr_per_sample"]
+            rows.append({**r, "psnr_per_sample": [round(float(v), 4) for v in ps], "margin_db": p_learned - r["psnr"],
+                         "margin_ci": margin_ci(learned_ps, ps)})
             print(json.dumps(rows[-1]), flush=True)
     res = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
@@ -173,16 +187,19 @@ def main() -> None:
              f"Held-out: {a.n} samples from noise seed {1234 + a.seed} (learning used other noises); guidance "
              f"{guidance}. PSNR/SSIM of final samples against the original model's from the same noise; MACs by "
              "FlopCounterMode over a whole generation. Peer rows: each family's best member with MACs at most the "
-             "learned mask's; margin = learned PSNR minus the peer's.", "",
-             "| target | method | settings | MACs | PSNR (dB) | SSIM | margin (dB) | learn (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "learned mask's; margin = learned PSNR minus the peer's, with its 95% paired-bootstrap interval "
+             f"({a.bootstrap} resamples of the {a.n} noises, seed 0, the same for both methods). The peer is picked "
+             "as its family's best on these same noises, which favours the peer.", "",
+             "| target | method | settings | MACs | PSNR (dB) | SSIM | margin (dB) | 95% interval | learn (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "margin_db" in r:
             lines.append(f"| {r['target']} | {r['method']} | {json.dumps(r['settings'])[:70]} | {r['macs_fraction']:.3f} "
-                         f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['margin_db']:+.2f} | |")
+                         f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['margin_db']:+.2f} "
+                         f"| [{r['margin_ci'][0]:+.2f}, {r['margin_ci'][1]:+.2f}] | |")
         else:
             lines.append(f"| {r['target']} | **{r['method']}** | | {r['macs_fraction']:.3f} | {r['psnr']:.2f} "
-                         f"| {r['ssim']:.4f} | | {r['learn_seconds']:.0f} |")
+                         f"| {r['ssim']:.4f} | | | {r['learn_seconds']:.0f} |")
     with open(os.path.join(a.out, name + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

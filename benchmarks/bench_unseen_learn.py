@@ -8,6 +8,10 @@ Fashion-MNIST (``examples/train_fmnist.py --config``, seed 7, all three at once,
 - ``dit``: DiTTransformer2DModel, 8 layers, 3 heads of 32 (shipped: 6 layers, 4 heads);
 - ``sd``: UNet2DConditionModel with caption cross-attention, channels 32/48/64, 2 heads (shipped: 32/64/64, 4).
 
+``--sizes issue`` trains the sizes the learning issue measured on instead: the DDPM-CIFAR10 U-Net at width 64
+(8.95M), a DiT of 8 layers x 256 (4 heads of 64, 10.7M) and the shipped SD-like configuration (1.69M), from
+the seed given (a new training run, so weights the project never saw).
+
 Then, for each, ``benchmarks/bench_learn.py --model <folder> --targets 0.6`` (by default DDIM 20 steps;
 ``--sampler``, ``--steps`` and ``--targets`` pass on; the conditional ones with classifier-free guidance
 2.0 on random labels or captions): the learned mask's MACs (FlopCounterMode over a whole generation)
@@ -16,9 +20,10 @@ family's best member of no more MACs.
 
 Verdict per model and target t, the issue's two judgments: the MACs within [t - 0.03, t + 0.01]; and a
 PSNR margin >= 0 over DeepCache uniform, FORA and step-level reuse (uniform and non-uniform). The other
-families (DeepCache non-uniform, the static delta-threshold schedule, random) are reported too.
+families (DeepCache non-uniform, the static delta-threshold schedule, random) are reported too. Where
+bench_learn.py gave intervals, each margin carries its 95% paired-bootstrap interval over the held-out noises.
 
-Usage: python benchmarks/bench_unseen_learn.py [--minutes 15] [--models unet dit sd] [--work DIR]
+Usage: python benchmarks/bench_unseen_learn.py [--minutes 15] [--models unet dit sd] [--work DIR] [--sizes issue]
            [--sampler ddim|dpm++ --steps 20 --targets 0.6 --n 16 --tag SUFFIX]
 Writes benchmarks/results/learn_unseen{tag}.md and .json (and bench_learn's own table per model).
 """
@@ -46,6 +51,15 @@ TOPOLOGIES = {
 }
 SHORT = {"unet": "UNet2DModel, width 40, 1 ResNet/level", "dit": "DiT, 8 layers x 96, patch 4",
          "sd": "UNet2DConditionModel, 32/48/64, cross-attn"}
+# --sizes issue: the sizes the learning issue measured on (U-Net 8.9M, DiT 10.6M, SD-like 1.7M), trained anew here
+TOPOLOGIES_ISSUE = {
+    "unet": ["--arch", "unet", "--width", "64", "--batch", "32"],
+    "dit": ["--arch", "dit", "--batch", "32", "--lr", "3e-4",
+            "--config", json.dumps({"num_layers": 8, "num_attention_heads": 4, "attention_head_dim": 64})],
+    "sd": ["--arch", "sd", "--batch", "32", "--lr", "3e-4"],
+}
+SHORT_ISSUE = {"unet": "UNet2DModel, DDPM-CIFAR10 topology at width 64 (64/128 channels)",
+               "dit": "DiT, 8 layers x 256, patch 4", "sd": "UNet2DConditionModel, 32/64/64, cross-attn"}
 JUDGED = ("DeepCache uniform", "FORA", "step-level reuse uniform", "step-level reuse non-uniform")
 BELOW, ABOVE = 0.03, 0.01  # the issue's budget window [target - BELOW, target + ABOVE]: written here, not read
 # from the learner's provenance["budget_window"], so a learner that widened its own window would fail this check
@@ -58,13 +72,13 @@ def training_info(out: str) -> dict:
     return {k: t[k] for k in ("model", "parameters", "steps", "minutes", "final_loss_last100", "seed")}
 
 
-def train_all(models: list[str], work: str, minutes: float, seed: int) -> dict[str, dict]:
+def train_all(models: list[str], work: str, minutes: float, seed: int, topologies: dict) -> dict[str, dict]:
     """Train every model at once (one thread each); returns each folder's training.json."""
     procs = {}
     for m in models:
         out = os.path.join(work, f"unseen-{m}")
         cmd = [sys.executable, os.path.join(ROOT, "examples", "train_fmnist.py"), "--out", out, "--minutes", str(minutes),
-               "--threads", "1", "--seed", str(seed), *TOPOLOGIES[m]]
+               "--threads", "1", "--seed", str(seed), *topologies[m]]
         log = open(os.path.join(work, f"train-{m}.log"), "w")
         procs[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, log)
     info = {}
@@ -91,10 +105,14 @@ def judge(rows: list[dict], target: float) -> dict:
             "mask_file": learned.get("mask_file"),
             "in_budget": target - BELOW - 1e-9 <= learned["macs_fraction"] <= target + ABOVE + 1e-9,
             "margins": {f: r["margin_db"] for f, r in peers.items()},
+            "margin_cis": {f: r["margin_ci"] for f, r in peers.items() if "margin_ci" in r},
             "peers": {f: {"settings": r["settings"], "macs_fraction": r["macs_fraction"], "psnr": r["psnr"]}
                       for f, r in peers.items()},
             "min_judged_margin": min(judged.values()) if judged else None,
             "beats_judged": all(v >= 0 for v in judged.values()),
+            # None where bench_learn gave no intervals (its tables before 2026-12-06's second session)
+            "beats_judged_beyond_interval": (all(peers[f]["margin_ci"][0] > 0 for f in judged)
+                                             if judged and all("margin_ci" in peers[f] for f in judged) else None),
             "missing_judged": [f for f in JUDGED if f not in peers]}
 
 
@@ -115,7 +133,10 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.6])
     ap.add_argument("--n", type=int, default=16, help="held-out samples")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--sizes", default="small", choices=["small", "issue"],
+                    help="small: the topologies above; issue: the sizes the issue measured on (8.9M/10.6M/1.7M)")
     a = ap.parse_args()
+    topologies, short = (TOPOLOGIES, SHORT) if a.sizes == "small" else (TOPOLOGIES_ISSUE, SHORT_ISSUE)
     import tempfile
 
     work = a.work or tempfile.mkdtemp(prefix="maskc-unseen-")
@@ -124,7 +145,7 @@ def main() -> None:
     if a.skip_training or a.report_only:
         training = {m: training_info(os.path.join(work, f"unseen-{m}")) for m in a.models}
     else:
-        training = train_all(a.models, work, a.minutes, a.seed)
+        training = train_all(a.models, work, a.minutes, a.seed, topologies)
     results = {}
     for m in a.models:
         name = f"learn_unseen_{m}{a.tag}"
@@ -155,6 +176,14 @@ def main() -> None:
     with open(summary, "w") as f:
         json.dump(res, f, indent=1)
     fams = sorted({f for r in results.values() for f in r["margins"]}, key=lambda f: (f not in JUDGED, f))
+    with_ci = all(r.get("beats_judged_beyond_interval") is not None for r in results.values())
+
+    def cell(r: dict, f: str) -> str:
+        if f not in r["margins"]:
+            return "-"
+        ci = r.get("margin_cis", {}).get(f)
+        return f"{r['margins'][f]:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
     sampler = f"{'DDIM' if a.sampler == 'ddim' else 'DPM-Solver++'} {a.steps} steps"
     lines = [f"# maskc.learn(target={', '.join(map(str, a.targets))}) on trained models the project never shipped, "
              f"{sampler}", "",
@@ -171,18 +200,22 @@ def main() -> None:
              "of each of DeepCache uniform, FORA, step-level reuse uniform and non-uniform. Margin = learned PSNR "
              "minus that peer's, in dB; the other families are reported, not judged. FORA (every block recomputed every N "
              "steps) has the same bits as step-level reuse uniform, so the peer library keeps one of them and both "
-             "columns show it. DeepCache applies to U-Nets only.", "",
+             "columns show it. DeepCache applies to U-Nets only."
+             + (" In brackets: the margin's 95% paired-bootstrap interval over the held-out noises (bench_learn.py, "
+                "1000 resamples, seed 0); 'beyond interval': every judged margin's interval above 0. Each peer is "
+                "its family's best on these same noises, which favours the peer." if with_ci else ""), "",
              "| model | trained | target | MACs | in budget | steps with some blocks skipped, not all | PSNR dB | "
-             "learn s | " + " | ".join(fams) + " | beats judged |",
-             "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|"]
+             "learn s | " + " | ".join(fams) + " | beats judged |" + (" beyond interval |" if with_ci else ""),
+             "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|" + ("---|" if with_ci else "")]
     for r in results.values():
         m, t = r["model"], r["training"]
-        lines.append(f"| {m}: {SHORT[m]}, {t['parameters'] / 1e6:.2f}M | {t['steps']} steps, loss "
+        lines.append(f"| {m}: {short[m]}, {t['parameters'] / 1e6:.2f}M | {t['steps']} steps, loss "
                      f"{t['final_loss_last100']:.4f} | {r['target']} | {r['macs_fraction']:.3f} | "
                      f"{'yes' if r['in_budget'] else '**no**'} "
                      f"| {r['partial_steps']} of {r['steps']} | {r['psnr']:.2f} | {r['learn_seconds']:.0f} | "
-                     + " | ".join(f"{r['margins'][f]:+.2f}" if f in r["margins"] else "-" for f in fams)
-                     + f" | {'yes' if r['beats_judged'] else '**no**'} |")
+                     + " | ".join(cell(r, f) for f in fams)
+                     + f" | {'yes' if r['beats_judged'] else '**no**'} |"
+                     + (f" {'yes' if r['beats_judged_beyond_interval'] else '**no**'} |" if with_ci else ""))
     lines += ["", "Per-model tables (each family's best member, its settings and MACs): "
               + ", ".join(f"[{m}]({r['table']})" for m, r in {r["model"]: r for r in results.values()}.items()) + "."]
     with open(os.path.join(a.out, f"learn_unseen{a.tag}.md"), "w") as f:
