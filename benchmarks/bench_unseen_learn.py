@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15, help="training time of each model (all train at once)")
     ap.add_argument("--models", nargs="+", default=list(TOPOLOGIES), choices=list(TOPOLOGIES))
     ap.add_argument("--seed", type=int, default=7, help="training seed")
+    ap.add_argument("--learn-seed", type=int, default=0, help="maskc.learn's seed; held-out noise seed 1234 + this")
     ap.add_argument("--threads", type=int, default=2, help="threads of each bench_learn run")
     ap.add_argument("--work", default=None, help="folder for the trained models (default: a fresh temporary one)")
     ap.add_argument("--skip-training", action="store_true", help="reuse the models already in --work")
@@ -151,7 +152,7 @@ def main() -> None:
         name = f"learn_unseen_{m}{a.tag}"
         cmd = [sys.executable, os.path.join(HERE, "bench_learn.py"), "--model", os.path.join(work, f"unseen-{m}"),
                "--targets", *map(str, a.targets), "--sampler", a.sampler, "--steps", str(a.steps), "--n", str(a.n),
-               "--threads", str(a.threads), "--name", name, "--out", a.out]
+               "--threads", str(a.threads), "--name", name, "--out", a.out, "--seed", str(a.learn_seed)]
         if a.learn:
             cmd += ["--learn", *a.learn]
         if not a.report_only:
@@ -191,8 +192,9 @@ def main() -> None:
              f"Machine: {res['machine']}; date {res['date']}; {res['wall_minutes']:.0f} min in all. Training seed(s) "
              f"{sorted({t['seed'] for t in training.values()})}, "
              f"{max(t['minutes'] for t in training.values()):.0f} min each (all at once, one thread each); "
-             f"learning seed 0, {sampler}, "
-             f"held-out noise seed 1234, {a.n} samples (bench_learn.py; guidance 2.0 for the conditional models)."
+             f"learning seed {a.learn_seed}, {sampler}, "
+             f"held-out noise seed {1234 + a.learn_seed}, {a.n} samples (bench_learn.py; guidance 2.0 for the "
+             "conditional models)."
              + (" The models were trained by an earlier run of this script into the same --work folder; the wall time "
                 "is learning and scoring only." if "--skip-training" in res["command"] else "") + "  ",
              f"Judged (the issue): MACs within [target - {BELOW}, target + {ABOVE}], and PSNR margin >= 0 over the "
