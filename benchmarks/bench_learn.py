@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=1000, help="paired resamples of the held-out noises (seed 0)")
     ap.add_argument("--ablation", action="store_true", help="also learn without the trajectory search, with the original's and with the masked cache")
     ap.add_argument("--learn", nargs="*", default=[], help="LearnConfig overrides, key=value")
+    ap.add_argument("--pick-seeds", type=int, nargs="*", default=None,
+                    help="learn with maskc.pick.learn_best over these seeds (the opt-in pick) instead of maskc.learn")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
@@ -131,8 +133,14 @@ def main() -> None:
         learned = {}
         for label, extra in kinds:
             t0 = time.perf_counter()
-            m = maskc.learn(model, sched, a.steps, shape, target=target, seed=a.seed, cond=cond, uncond=uncond,
-                            guidance_scale=guidance, progress=False, **{**overrides, **extra})
+            if a.pick_seeds and not extra:
+                from maskc.pick import learn_best
+
+                m = learn_best(model, sched, a.steps, shape, target=target, seeds=a.pick_seeds, cond=cond,
+                               uncond=uncond, guidance_scale=guidance, progress=False, **overrides)
+            else:
+                m = maskc.learn(model, sched, a.steps, shape, target=target, seed=a.seed, cond=cond, uncond=uncond,
+                                guidance_scale=guidance, progress=False, **{**overrides, **extra})
             secs = time.perf_counter() - t0
             f = macs(m)
             learned[label] = (m, f)
@@ -174,7 +182,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": a.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seeds": {"learn": a.seed, "held_out_noise": 1234 + a.seed, "random_peer": a.seed},
+        "seeds": {"learn": a.seed, "held_out_noise": 1234 + a.seed, "random_peer": a.seed, "pick_seeds": a.pick_seeds},
         "model": folder, "sampler": a.sampler, "steps": a.steps, "n": a.n, "guidance": guidance,
         "rows": rows,
     }
