@@ -470,8 +470,12 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
         except (_RowStored, FileNotFoundError):
             if not gone():
                 raise
+        def written_by(writer: str) -> tuple:
+            """What a shard returns when another process writes (or has written) the table."""
+            return None, {"missing": [], "done": len(ids), "writer": writer}, None, selection
+
         if todo and gone():
-            return None, {"missing": [], "done": len(ids), "writer": "another process (done)"}, None, selection
+            return written_by("another process (done)")
         rows = [part.get("row", ident) for ident in ids]
         missing = [ident[0] for ident, r in zip(ids, rows) if r is None]
         if missing:
@@ -480,10 +484,9 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
         try:  # (the lock stays until the folder goes; a dead writer's is taken over)
             while not _try_lock(table_lock, stale_s=60.0):
                 if os.path.exists(table_lock):
-                    writer = f"process {_lock_pid(table_lock)}"
-                    return None, {"missing": [], "done": len(rows), "writer": writer}, None, selection
+                    return written_by(f"process {_lock_pid(table_lock)}")
         except FileNotFoundError:  # the folder went meanwhile: the writer has finished
-            return None, {"missing": [], "done": len(rows), "writer": "another process (done)"}, None, selection
+            return written_by("another process (done)")
         held.append(table_lock)
         for r, m in zip(rows[1:], methods):  # how this run found each mask, not how the one that sampled it did
             if "learned_afresh" in m:
