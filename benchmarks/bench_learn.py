@@ -169,11 +169,9 @@ def main() -> None:
             fam = p.meta["provenance"]["method"]
             q, ps = quality(p)
             settings = {k: v for k, v in p.meta["provenance"].items() if k not in ("method", "full_steps")}
-            if fam not in best or q["psnr"] > best[fam]["psnr"]:
-                best[fam] = {"target": target, "method": fam, "settings": settings, "macs_fraction": f, **q,
-                             "psnr_per_sample": ps}
-        for fam, r in sorted(best.items(), key=lambda kv: -kv[1]["psnr"]):
-            ps = r["psnr_per_sample"]
+            if fam not in best or q["psnr"] > best[fam][0]["psnr"]:
+                best[fam] = ({"target": target, "method": fam, "settings": settings, "macs_fraction": f, **q}, ps)
+        for r, ps in sorted(best.values(), key=lambda rp: -rp[0]["psnr"]):
             rows.append({**r, "psnr_per_sample": [round(float(v), 4) for v in ps], "margin_db": p_learned - r["psnr"],
                          "margin_ci": margin_ci(learned_ps, ps)})
             print(json.dumps(rows[-1]), flush=True)
