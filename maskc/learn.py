@@ -24,7 +24,8 @@
    that the rectified mask's MACs are closest to the target.
 4. ``refine_trajectory`` (``LearnConfig.refine="search"``, the default): a search over
    whole masks scored by the PSNR of the final samples of a whole generation from
-   calibration noises, seeded with the projected mask and with the best schedules of
+   calibration noises (saturating at 50 dB, so that samples bit-identical to the
+   original's cannot decide alone: ``LearnConfig.search_score``), seeded with the projected mask and with the best schedules of
    every peer family (``maskc.schedules.peer_library``) fitted into the budget; see
    ``maskc.refine``. ``refine="none"`` returns phase 3's mask (the ablation).
 
@@ -85,6 +86,9 @@ class LearnConfig:
     refine: str = "search"
     search_batch: int = 8  # calibration noises of the search (split over torchrun processes)
     search_evals: int = 150  # masks the local search scores after the seeds
+    # The search's objective: "saturating" (PSNR with an MSE floor, 50 dB at most: Rollout.score) or "psnr"
+    # (plain PSNR, whose 120 dB for a bit-identical sample can decide alone; the ablation).
+    search_score: str = "saturating"
     below: float = 0.03  # the budget window is [target - below, target + above]
     above: float = 0.01
 
@@ -97,6 +101,8 @@ class LearnConfig:
             raise MaskcError(f"sampling must be 'stochastic' or 'gumbel', got {self.sampling!r}")
         if self.refine not in ("search", "none"):
             raise MaskcError(f"refine must be 'search' or 'none', got {self.refine!r}")
+        if self.search_score not in ("saturating", "psnr"):
+            raise MaskcError(f"search_score must be 'saturating' or 'psnr', got {self.search_score!r}")
         if self.batch < 1 or self.iters < 1 or self.round_size < 1 or self.search_batch < 1 or self.search_evals < 0:
             raise MaskcError("batch, iters, round_size and search_batch must be positive, search_evals >= 0")
         if self.below < 0 or self.above < 0:
@@ -492,7 +498,8 @@ def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, score
 
     try:
         return refine(rollout, cost, [("learned (phase 3)", bits)], peers, lo, hi, priority=traj.delta.tolist(),
-                      step_rows=step_rows, evaluations=cfg.search_evals, seed=seed, progress=tick)
+                      step_rows=step_rows, evaluations=cfg.search_evals, seed=seed, progress=tick,
+                      score=cfg.search_score)
     finally:
         if bar is not None:
             bar.close()

@@ -3,7 +3,8 @@
 The per-step objective (``maskc.learn``'s first phase) sees one step's output error;
 what users see is the final sample. This phase scores a mask by the mean PSNR of the
 final samples of a whole generation from the calibration noises against the
-unmasked generation (``maskc.rollout.Rollout``), within the MACs window
+unmasked generation, saturating at 50 dB (``maskc.rollout.Rollout.score``; every
+"psnr" below is that score), within the MACs window
 [lo, hi] (``maskc.rollout.GenerationCost``, exact FlopCounterMode counts).
 
 1. Peers: every schedule of ``maskc.schedules.peer_library`` whose MACs are at most
@@ -37,7 +38,7 @@ __all__ = ["RefineResult", "refine", "row_vocabulary", "fit_to_window"]
 @dataclass
 class RefineResult:
     bits: torch.Tensor  # rectified
-    psnr: float
+    psnr: float  # calibration score, Rollout.score (dB)
     macs_fraction: float
     seed: str  # the seed the search started from
     evaluations: int  # masks scored
@@ -128,22 +129,26 @@ def refine(
     peer_floor: float = 0.15,
     seed: int = 0,
     progress: Callable[[int, float, float], None] | None = None,
+    score: str = "saturating",
 ) -> RefineResult | None:
     """Search masks in the MACs window [lo, hi] for the best final-sample PSNR (module docstring).
 
     ``seeds``: (label, bits) to start from besides the fitted peers; ``priority[i]``: how
     much step i's output changes (the original's δ), for fitting; ``step_rows[i]``: rows
     only step i may take (its learned top-m blocks); ``evaluations``: masks scored by the
-    local search after the seeds. None when no seed can be fitted into the window.
+    local search after the seeds; ``score``: "saturating" (``Rollout.score``) or "psnr"
+    (``Rollout.psnr``, the ablation). None when no seed can be fitted into the window.
     """
     T = rollout.T
     vocab = row_vocabulary(cost.names, peers)
     n_scored = 0
 
-    def score(b: torch.Tensor) -> float:
+    measure = rollout.score if score == "saturating" else rollout.psnr
+
+    def scored(b: torch.Tensor) -> float:
         nonlocal n_scored
         n_scored += 1
-        return rollout.psnr(b)
+        return measure(b)
 
     # 1. peers as they are
     scored_peers: list[tuple[float, float, Mask, torch.Tensor]] = []
@@ -153,7 +158,7 @@ def refine(
         f = cost.fraction(b, rectified=True)
         if f > hi or f < lo - peer_floor:
             continue
-        p = score(b)
+        p = scored(b)
         scored_peers.append((p, f, m, b))
         report.append({**_describe(m), "macs_fraction": f, "psnr": p})
     # 2. seeds: given ones, then the best peers fitted into the window
@@ -171,7 +176,7 @@ def refine(
         f = cost.fraction(b, rectified=True)
         if not lo <= f <= hi:
             continue
-        p = score(b)
+        p = scored(b)
         if best is None or p > best[0]:
             best = (p, b, f, lbl)
             rollout.accept()
@@ -217,7 +222,7 @@ def refine(
             continue
         seen.add(key)
         done += 1
-        p = score(c)
+        p = scored(c)
         if p > p_best + 1e-9:
             rollout.accept()
             p_best, b_best, f_best = p, c, f

@@ -14,7 +14,9 @@ Two measurements that mask learning needs many times, made cheap:
   The state before every step of the last accepted mask (sample, cache, scheduler) is
   kept, so a candidate that first differs from it at step d is run from d only.
   Invariant: ``psnr(bits)`` is the mean PSNR, over the calibration samples, of the
-  final samples in [0, 1] against the unmasked generation from the same noises.
+  final samples in [0, 1] against the unmasked generation from the same noises;
+  ``score(bits)`` is the same mean with ``MSE_FLOOR`` added to each MSE (the search's
+  objective, which a bit-identical sample cannot dominate).
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from maskc.passes.rectify import rectify_bits
 from maskc.passes.rewrite import StepGraph, rewrite_step
 from maskc.sampling import denoise
 
-__all__ = ["GenerationCost", "Rollout"]
+__all__ = ["GenerationCost", "Rollout", "MSE_FLOOR"]
+
+MSE_FLOOR = 1e-5  # added to each sample's MSE in ``Rollout.score``: PSNR saturates at 50 dB
 
 
 def _row_key(row: torch.Tensor) -> bytes:
@@ -162,7 +166,7 @@ class Rollout:
         return ((x + 1) / 2).clamp(0, 1)
 
     def accept(self) -> None:
-        """Make the mask of the last ``final``/``psnr`` call the one later candidates are rerun from."""
+        """Make the mask of the last ``final``/``psnr``/``score`` call the one later candidates are rerun from."""
         self._bits, self._states = self._pending
 
     def final(self, bits: torch.Tensor, commit: bool = False) -> torch.Tensor:
@@ -171,13 +175,27 @@ class Rollout:
 
     def psnr(self, bits: torch.Tensor, commit: bool = False) -> float:
         """Mean PSNR (dB) of the final samples under ``bits`` against the unmasked ones."""
+        return self._mean(10 * torch.log10(1 / self._mse(bits, commit).clamp_min(1e-12)))
+
+    def score(self, bits: torch.Tensor, commit: bool = False) -> float:
+        """The search's objective: mean over samples of ``10 log10(1 / (MSE + MSE_FLOOR))`` (dB).
+
+        PSNR that saturates at 50 dB: a sample bit-identical to the original's (a blank image
+        that clamps to 0 under both) counts 50 dB, not the 120 dB of ``psnr``'s clamp, so a few
+        such samples cannot outweigh the others (``benchmarks/results/search_score.md``).
+        """
+        return self._mean(10 * torch.log10(1 / (self._mse(bits, commit) + MSE_FLOOR)))
+
+    def _mse(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
         img = self._run(bits, commit)
-        mse = (img.double() - self.reference.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        psnr = 10 * torch.log10(1 / mse)
+        return (img.double() - self.reference.double()).pow(2).flatten(1).mean(1)
+
+    def _mean(self, per_sample: torch.Tensor) -> float:
+        """Mean over the calibration samples, those of every process when they are split."""
         if self.world is None or self.world[0] == 1:
-            return float(psnr.mean())
+            return float(per_sample.mean())
         import torch.distributed as dist
 
-        total = psnr.sum().reshape(1)
+        total = per_sample.sum().reshape(1)
         dist.all_reduce(total)  # the same sum on every process, so every process takes the same decisions
         return float(total) / self.world[1]

@@ -102,6 +102,24 @@ def test_cost_is_what_flopcounter_counts(kind: str, data) -> None:
     assert raw == pytest.approx(want, rel=1e-12)
 
 
+def test_scores_are_the_plain_and_the_saturating_psnr_of_runtime_samples() -> None:
+    """Rollout.psnr and Rollout.score are the mean plain PSNR and the mean PSNR with 1e-5 added to each
+    MSE of the runtime's final samples; an unmasked generation scores the 50 dB ceiling, not 120 dB."""
+    model, sched, noise, kw, guidance = _setup("unet", "ddim", 3)
+    names = maskc.blocks(model)
+    ro = Rollout(model, names, sched, noise, kw, guidance, "timestep")
+    full = torch.ones(STEPS, len(names), dtype=torch.bool)
+    assert ro.score(full) == pytest.approx(50.0, abs=1e-9) and ro.psnr(full) == pytest.approx(120.0, abs=1e-9)
+    bits = torch.rand(STEPS, len(names), generator=torch.Generator().manual_seed(5)) < 0.5
+    bits[0] = True
+    ref = _runtime_final(model, maskc.Mask(full, names), sched, noise, kw, guidance).double()
+    mse = (_runtime_final(model, maskc.Mask(bits, names), sched, noise, kw, guidance).double() - ref).pow(2)
+    mse = mse.flatten(1).mean(1)
+    assert bool((mse > 1e-6).all()), "a sample is (nearly) unchanged: the floor would not be tested"
+    assert ro.score(bits) == pytest.approx(float((10 * torch.log10(1 / (mse + 1e-5))).mean()), rel=1e-12)
+    assert ro.psnr(bits) == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-12)
+
+
 def _cost_and_rollout(n: int = 2):
     model, sched, noise, kw, guidance = _setup("unet", "ddim", n)
     names = maskc.blocks(model)
@@ -158,14 +176,14 @@ def test_search_never_worse_than_its_seeds_and_stays_in_the_window() -> None:
     _, names, cost, ro = _cost_and_rollout(n=3)
     lo, hi = 0.57, 0.61
     scored: list[tuple[torch.Tensor, float]] = []
-    real_psnr = ro.psnr
+    real_psnr = ro.score
 
     def spy(bits, commit=False):
         p = real_psnr(bits, commit)
         scored.append((bits.clone(), p))
         return p
 
-    ro.psnr = spy  # type: ignore[method-assign]
+    ro.score = spy  # type: ignore[method-assign]
     peers = peer_library(names, STEPS, delta=[0.0] + [0.1] * (STEPS - 1))
     g = torch.Generator().manual_seed(1)
     seed_bits = torch.rand(STEPS, len(names), generator=g) < 0.6
