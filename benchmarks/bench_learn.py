@@ -80,7 +80,14 @@ def main() -> None:
                     help="learn with maskc.pick.learn_best over these seeds (the opt-in pick) instead of maskc.learn")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default=None)
+    ap.add_argument("--report-only", metavar="JSON", default=None,
+                    help="rewrite the markdown table of a finished run from its JSON, and exit")
     a = ap.parse_args()
+    if a.report_only:
+        with open(a.report_only) as f:
+            res = json.load(f)
+        print(write_markdown(res, os.path.splitext(a.report_only)[0] + ".md"))
+        return
     torch.set_num_threads(a.threads)
     model, folder = load_pretrained(a.model)
     model = model.float()
@@ -182,33 +189,54 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seeds": {"learn": a.seed, "held_out_noise": 1234 + a.seed, "random_peer": a.seed, "pick_seeds": a.pick_seeds},
         "model": folder, "sampler": a.sampler, "steps": a.steps, "n": a.n, "guidance": guidance,
-        "rows": rows,
+        "bootstrap": a.bootstrap, "rows": rows,
     }
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, name + ".json"), "w") as f:
         json.dump(res, f, indent=1)
-    lines = [f"# Learned masks against every peer schedule: {os.path.basename(folder)}, {a.sampler} {a.steps} steps",
+    print(write_markdown(res, os.path.join(a.out, name + ".md")))
+
+
+def saturated(psnr_per_sample: list[float]) -> tuple[int, float]:
+    """(bit-identical samples, mean PSNR with 1e-5 added to each MSE) from plain per-sample PSNRs."""
+    p = torch.tensor(psnr_per_sample, dtype=torch.float64)
+    mse = torch.pow(10.0, -p / 10)
+    return int((p >= 119.99).sum()), float((10 * torch.log10(1 / (mse + 1e-5))).mean())
+
+
+def write_markdown(res: dict, path: str) -> str:
+    """The table of a run's JSON (what ``--report-only`` rewrites); returns its text."""
+    n, guidance, bootstrap = res["n"], res["guidance"], res.get("bootstrap", 1000)
+    folder = res["model"]
+    lines = [f"# Learned masks against every peer schedule: {os.path.basename(folder)}, {res['sampler']} "
+             f"{res['steps']} steps",
              "", f"Command: `{res['command']}`  ",
-             f"Machine: {res['machine']}, {a.threads} thread(s); date {res['date']}; seeds {res['seeds']}.  ",
-             f"Held-out: {a.n} samples from noise seed {1234 + a.seed} (learning used other noises); guidance "
-             f"{guidance}. PSNR/SSIM of final samples against the original model's from the same noise; MACs by "
-             "FlopCounterMode over a whole generation. Peer rows: each family's best member with MACs at most the "
-             "learned mask's; margin = learned PSNR minus the peer's, with its 95% paired-bootstrap interval "
-             f"({a.bootstrap} resamples of the {a.n} noises, seed 0, the same for both methods). The peer is picked "
-             "as its family's best on these same noises, which favours the peer.", "",
-             "| target | method | settings | MACs | PSNR (dB) | SSIM | margin (dB) | 95% interval | learn (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             f"Machine: {res['machine']}, {res['threads']} thread(s); date {res['date']}; seeds {res['seeds']}.  ",
+             f"Held-out: {n} samples from noise seed {res['seeds']['held_out_noise']} (learning used other noises); "
+             f"guidance {guidance}. PSNR/SSIM of final samples against the original model's from the same noise; "
+             "MACs by FlopCounterMode over a whole generation. Peer rows: each family's best member with MACs at "
+             "most the learned mask's; margin = learned PSNR minus the peer's, with its 95% paired-bootstrap interval "
+             f"({bootstrap} resamples of the {n} noises, seed 0, the same for both methods). The peer is picked "
+             "as its family's best on these same noises, which favours the peer. Identical: samples bit-identical "
+             "to the original's, which PSNR counts at 120 dB; PSNR ≤ 50: the mean with 1e-5 added to each MSE "
+             "(the learner's search score), from the same samples.", "",
+             "| target | method | settings | MACs | PSNR (dB) | SSIM | margin (dB) | 95% interval | identical "
+             "| PSNR ≤ 50 | learn (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ident, sat = saturated(r["psnr_per_sample"]) if "psnr_per_sample" in r else ("", float("nan"))
         if "margin_db" in r:
-            lines.append(f"| {r['target']} | {r['method']} | {json.dumps(r['settings'])[:70]} | {r['macs_fraction']:.3f} "
-                         f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['margin_db']:+.2f} "
-                         f"| [{r['margin_ci'][0]:+.2f}, {r['margin_ci'][1]:+.2f}] | |")
+            ci = r.get("margin_ci")
+            ci_s = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+            lines.append(f"| {r['target']} | {r['method']} | {json.dumps(r['settings'])[:70]} "
+                         f"| {r['macs_fraction']:.3f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['margin_db']:+.2f} "
+                         f"| {ci_s} | {ident} | {sat:.2f} | |")
         else:
             lines.append(f"| {r['target']} | **{r['method']}** | | {r['macs_fraction']:.3f} | {r['psnr']:.2f} "
-                         f"| {r['ssim']:.4f} | | | {r['learn_seconds']:.0f} |")
-    with open(os.path.join(a.out, name + ".md"), "w") as f:
+                         f"| {r['ssim']:.4f} | | | {ident} | {sat:.2f} | {r['learn_seconds']:.0f} |")
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

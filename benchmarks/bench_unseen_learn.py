@@ -41,6 +41,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+from bench_learn import saturated  # noqa: E402
 
 TOPOLOGIES = {
     "unet": ["--arch", "unet", "--width", "40", "--batch", "32", "--config", json.dumps({"layers_per_block": 1})],
@@ -113,7 +115,13 @@ def judge(rows: list[dict], target: float) -> dict:
             # None where bench_learn gave no intervals (its tables before 2026-12-06's second session)
             "beats_judged_beyond_interval": (all(peers[f]["margin_ci"][0] > 0 for f in judged)
                                              if judged and all("margin_ci" in peers[f] for f in judged) else None),
-            "missing_judged": [f for f in JUDGED if f not in peers]}
+            "missing_judged": [f for f in JUDGED if f not in peers],
+            # the same judged margins with PSNR saturating at 50 dB (the learner's search score), from the same
+            # samples; None where bench_learn kept no per-sample PSNRs
+            "min_judged_margin_saturating": (
+                min(saturated(learned["psnr_per_sample"])[1] - saturated(peers[f]["psnr_per_sample"])[1]
+                    for f in judged)
+                if judged and all("psnr_per_sample" in r for r in [learned, *peers.values()]) else None)}
 
 
 def main() -> None:
@@ -178,6 +186,7 @@ def main() -> None:
         json.dump(res, f, indent=1)
     fams = sorted({f for r in results.values() for f in r["margins"]}, key=lambda f: (f not in JUDGED, f))
     with_ci = all(r.get("beats_judged_beyond_interval") is not None for r in results.values())
+    with_sat = all(r.get("min_judged_margin_saturating") is not None for r in results.values())
 
     def cell(r: dict, f: str) -> str:
         if f not in r["margins"]:
@@ -205,10 +214,15 @@ def main() -> None:
              "columns show it. DeepCache applies to U-Nets only."
              + (" In brackets: the margin's 95% paired-bootstrap interval over the held-out noises (bench_learn.py, "
                 "1000 resamples, seed 0); 'beyond interval': every judged margin's interval above 0. Each peer is "
-                "its family's best on these same noises, which favours the peer." if with_ci else ""), "",
+                "its family's best on these same noises, which favours the peer." if with_ci else "")
+             + (" 'PSNR ≤ 50': the smallest judged margin when each sample's PSNR saturates at 50 dB (1e-5 added to "
+                "its MSE, the learner's search score), same samples and peers; plain PSNR counts a sample "
+                "bit-identical to the original's (a blank image) at 120 dB." if with_sat else ""), "",
              "| model | trained | target | MACs | in budget | steps with some blocks skipped, not all | PSNR dB | "
-             "learn s | " + " | ".join(fams) + " | beats judged |" + (" beyond interval |" if with_ci else ""),
-             "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|" + ("---|" if with_ci else "")]
+             "learn s | " + " | ".join(fams) + " | beats judged |" + (" beyond interval |" if with_ci else "")
+             + (" smallest judged margin, PSNR ≤ 50 |" if with_sat else ""),
+             "|---|---|---:|---:|---|---:|---:|---:|" + "---:|" * len(fams) + "---|" + ("---|" if with_ci else "")
+             + ("---:|" if with_sat else "")]
     for r in results.values():
         m, t = r["model"], r["training"]
         lines.append(f"| {m}: {short[m]}, {t['parameters'] / 1e6:.2f}M | {t['steps']} steps, loss "
@@ -217,7 +231,8 @@ def main() -> None:
                      f"| {r['partial_steps']} of {r['steps']} | {r['psnr']:.2f} | {r['learn_seconds']:.0f} | "
                      + " | ".join(cell(r, f) for f in fams)
                      + f" | {'yes' if r['beats_judged'] else '**no**'} |"
-                     + (f" {'yes' if r['beats_judged_beyond_interval'] else '**no**'} |" if with_ci else ""))
+                     + (f" {'yes' if r['beats_judged_beyond_interval'] else '**no**'} |" if with_ci else "")
+                     + (f" {r['min_judged_margin_saturating']:+.2f} |" if with_sat else ""))
     lines += ["", "Per-model tables (each family's best member, its settings and MACs): "
               + ", ".join(f"[{m}]({r['table']})" for m, r in {r["model"]: r for r in results.values()}.items()) + "."]
     with open(os.path.join(a.out, f"learn_unseen{a.tag}.md"), "w") as f:
