@@ -25,9 +25,10 @@
 4. ``refine_trajectory`` (``LearnConfig.refine="search"``, the default): a search over
    whole masks scored by the PSNR of the final samples of a whole generation from
    calibration noises (saturating at 50 dB, so that samples bit-identical to the
-   original's cannot decide alone: ``LearnConfig.search_score``), seeded with the projected mask and with the best schedules of
-   every peer family (``maskc.schedules.peer_library``) fitted into the budget; see
-   ``maskc.refine``. ``refine="none"`` returns phase 3's mask (the ablation).
+   original's cannot decide alone: ``LearnConfig.search_score``), seeded with the
+   projected mask and with the best schedules of every peer family
+   (``maskc.schedules.peer_library``) fitted into the budget; see ``maskc.refine``.
+   ``refine="none"`` returns phase 3's mask (the ablation).
 
 Budget: the returned mask's MACs, counted by FlopCounterMode over a whole generation
 of the compiled mask (``maskc.rollout.GenerationCost`` counts exactly that), lie in

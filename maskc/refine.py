@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from maskc.errors import MaskcError
 from maskc.mask import Mask
 from maskc.rollout import GenerationCost, Rollout
 
@@ -143,6 +144,8 @@ def refine(
     vocab = row_vocabulary(cost.names, peers)
     n_scored = 0
 
+    if score not in ("saturating", "psnr"):
+        raise MaskcError(f"score must be 'saturating' or 'psnr', got {score!r}")
     measure = rollout.score if score == "saturating" else rollout.psnr
 
     def scored(b: torch.Tensor) -> float:

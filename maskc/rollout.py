@@ -182,7 +182,7 @@ class Rollout:
 
         PSNR that saturates at 50 dB: a sample bit-identical to the original's (a blank image
         that clamps to 0 under both) counts 50 dB, not the 120 dB of ``psnr``'s clamp, so a few
-        such samples cannot outweigh the others (``benchmarks/results/search_score.md``).
+        such samples cannot outweigh the others (``benchmarks/results/search_score_*.md``).
         """
         return self._mean(10 * torch.log10(1 / (self._mse(bits, commit) + MSE_FLOOR)))
 

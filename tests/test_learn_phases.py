@@ -120,6 +120,15 @@ def test_scores_are_the_plain_and_the_saturating_psnr_of_runtime_samples() -> No
     assert ro.psnr(bits) == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-12)
 
 
+def test_an_unknown_search_score_is_refused() -> None:
+    """A misspelt objective raises, in the search and in LearnConfig, instead of silently ranking by plain PSNR."""
+    _, names, cost, ro = _cost_and_rollout()
+    with pytest.raises(maskc.MaskcError, match="saturating"):
+        refine(ro, cost, [], [], 0.0, 1.0, priority=list(range(STEPS)), score="saturated")
+    with pytest.raises(maskc.MaskcError, match="search_score"):
+        maskc.LearnConfig(search_score="saturated").validate()
+
+
 def _cost_and_rollout(n: int = 2):
     model, sched, noise, kw, guidance = _setup("unet", "ddim", n)
     names = maskc.blocks(model)
