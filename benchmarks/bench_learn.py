@@ -29,6 +29,7 @@ import maskc
 from maskc.eval import bootstrap_counts, fidelity, interval, psnr_per_sample
 from maskc.learn import measured_flops
 from maskc.models.shipped import load_pretrained
+from maskc.rollout import MSE_FLOOR
 from maskc.sampling import generate
 from maskc.schedules import peer_library, random_equal_macs
 
@@ -198,10 +199,10 @@ def main() -> None:
 
 
 def saturated(psnr_per_sample: list[float]) -> tuple[int, float]:
-    """(bit-identical samples, mean PSNR with 1e-5 added to each MSE) from plain per-sample PSNRs."""
+    """(bit-identical samples, mean PSNR with MSE_FLOOR added to each MSE, the search's score) from plain PSNRs."""
     p = torch.tensor(psnr_per_sample, dtype=torch.float64)
     mse = torch.pow(10.0, -p / 10)
-    return int((p >= 119.99).sum()), float((10 * torch.log10(1 / (mse + 1e-5))).mean())
+    return int((p >= 119.99).sum()), float((10 * torch.log10(1 / (mse + MSE_FLOOR))).mean())
 
 
 def write_markdown(res: dict, path: str) -> str:

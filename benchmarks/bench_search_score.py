@@ -31,7 +31,7 @@ import maskc
 from maskc.eval import bootstrap_counts, interval
 from maskc.learn import _conditioning, _slice1
 from maskc.models.shipped import load_pretrained
-from maskc.rollout import GenerationCost, Rollout
+from maskc.rollout import MSE_FLOOR, GenerationCost, Rollout
 from maskc.schedules import peer_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,11 +42,16 @@ OBJECTIVES = ("psnr", "saturating")
 STATS = ("plain", "saturating", "pooled", "not identical")
 
 
+def plain_psnr(mse: torch.Tensor) -> torch.Tensor:
+    """Per-sample plain PSNR (dB) of per-sample MSEs, 120 dB for a bit-identical sample (as maskc.eval clamps)."""
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
 def statistics(mse: torch.Tensor) -> dict[str, float]:
     """The four statistics of per-sample MSEs (module docstring), and the bit-identical count."""
-    plain = 10 * torch.log10(1 / mse.clamp_min(1e-12))
+    plain = plain_psnr(mse)
     moved = mse > 0
-    return {"plain": float(plain.mean()), "saturating": float((10 * torch.log10(1 / (mse + 1e-5))).mean()),
+    return {"plain": float(plain.mean()), "saturating": float((10 * torch.log10(1 / (mse + MSE_FLOOR))).mean()),
             "pooled": float(10 * torch.log10(1 / mse.mean().clamp_min(1e-12))),
             "not identical": float(plain[moved].mean()) if bool(moved.any()) else float("nan"),
             "identical": int((~moved).sum())}
@@ -94,7 +99,10 @@ def main() -> None:
         img = roll.final(cost.rectify(bits))
         return (img.double() - roll.reference.double()).pow(2).flatten(1).mean(1)
 
-    learned = {obj: {"macs_fraction": cost.fraction(m.bits), "mse": mse(m.bits)} for obj, m in masks.items()}
+    learned = {}
+    for obj, m in masks.items():
+        e = mse(m.bits)
+        learned[obj] = {"macs_fraction": cost.fraction(m.bits), "mse": e, "psnr": plain_psnr(e)}
     top = max(v["macs_fraction"] for v in learned.values())
     peers = []
     for p in peer_library(names, a.steps, delta=masks["psnr"].meta["provenance"]["delta"]):
@@ -102,12 +110,10 @@ def main() -> None:
         if top - 0.15 <= f <= top + 1e-9:
             prov = p.meta["provenance"]
             settings = {k: v for k, v in prov.items() if k not in ("method", "full_steps")}
-            peers.append({"method": prov["method"], "settings": settings, "macs_fraction": f, "mse": mse(p.bits)})
+            e = mse(p.bits)
+            peers.append({"method": prov["method"], "settings": settings, "macs_fraction": f, "mse": e,
+                          "psnr": plain_psnr(e)})
     counts = bootstrap_counts(a.n, 1000, 0)
-
-    def plain(m: torch.Tensor) -> torch.Tensor:
-        return 10 * torch.log10(1 / m.clamp_min(1e-12))
-
     rows = []
     for obj, v in learned.items():
         row = {"method": f"learned, search_score={obj}", "macs_fraction": v["macs_fraction"],
@@ -115,10 +121,10 @@ def main() -> None:
         best: dict[str, dict] = {}
         for p in peers:
             if p["macs_fraction"] <= v["macs_fraction"] + 1e-9:
-                if p["method"] not in best or plain(p["mse"]).mean() > plain(best[p["method"]]["mse"]).mean():
+                if p["method"] not in best or p["psnr"].mean() > best[p["method"]]["psnr"].mean():
                     best[p["method"]] = p
         for fam, p in best.items():
-            d = plain(v["mse"]) - plain(p["mse"])
+            d = v["psnr"] - p["psnr"]
             row["vs"][fam] = {"settings": p["settings"], "macs_fraction": p["macs_fraction"],
                               **statistics(p["mse"]), "margin": float(d.mean()),
                               "margin_ci": interval(counts @ d / a.n)}
