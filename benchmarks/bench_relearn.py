@@ -1,0 +1,200 @@
+"""Do the bench tables' learned masks still come out of today's code?
+
+Every learned row of a ``maskc bench`` table names its mask file (``results/masks/<table>_learned_<t>.json``)
+and the code version that learned it. For each such mask, this script learns it again exactly as
+``maskc bench`` learns a level (``maskc.bench.BenchModel.learn``: same model, sampler, steps, target, seed,
+guidance and settings; one thread, as the tables were made) and compares the bits. Where they differ,
+it learns once more with ``search_score="psnr"`` (the search's objective before 1fb066369f07) to see
+whether that objective gives the stored bits back (then the change of score is the cause), and both
+masks are scored on ``--n`` fresh noises (seed ``--noise-seed``, which neither learning nor the tables
+use) by the statistics of ``bench_search_score.py`` (mean plain PSNR of the final samples against the
+original's, mean PSNR saturating at 50 dB, pooled-MSE PSNR, bit-identical count), with the new-minus-stored
+margin and its 95% paired-bootstrap interval (1000 resamples, seed 0). Generations by
+``maskc.rollout.Rollout``, bit for bit the runtime's.
+
+Jobs are split between ``--shard K/N`` processes by stored learning time (the same split in every
+process); each job's result is kept under ``results/relearn/`` so an interrupted run resumes, and
+``--report`` writes ``results/relearn.md`` and ``.json`` from whatever jobs are done.
+
+Usage: python benchmarks/bench_relearn.py --tables bench_unet_dpmpp10 bench_dit_ddim20 --shard 0/2
+       python benchmarks/bench_relearn.py --report
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import maskc
+from maskc.bench import bench_model, code_version
+from maskc.eval import bootstrap_counts, interval
+from maskc.learn import _conditioning, _slice1
+from maskc.rollout import GenerationCost, Rollout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+PARTS = os.path.join(RESULTS, "relearn")
+sys.path.insert(0, HERE)
+from bench_learn import scheduler  # noqa: E402
+from bench_search_score import plain_psnr, statistics  # noqa: E402
+
+TABLES = ["bench_unet_dpmpp10", "bench_dit_dpmpp10", "bench_sd_dpmpp10", "bench_unet_ddim20", "bench_dit_ddim20",
+          "bench_sd_ddim20", "bench_unet_ddim50", "bench_dit_ddim50", "bench_sd_ddim50"]
+
+
+def jobs(tables: list[str]) -> list[dict]:
+    """One job per learned row of each table (ablations excluded), with what ``maskc bench`` learned it from."""
+    out = []
+    for t in tables:
+        with open(os.path.join(RESULTS, t + ".json")) as f:
+            res = json.load(f)
+        cfg = res["config"]
+        for r in res["rows"]:
+            if r["family"] != "maskc":
+                continue
+            target = float(r["method"].rsplit(" ", 1)[1])
+            out.append({"table": t, "model": cfg["model"], "sampler": cfg["sampler"], "steps": cfg["steps"],
+                        "seed": cfg["seed"], "guidance_scale": cfg["guidance_scale"],
+                        "learn_kwargs": cfg["learn_kwargs"],
+                        "target": target, "stored_seconds": r["learning_s"], "table_code": res["code_version"],
+                        "mask": os.path.join(RESULTS, "masks", f"{t}_learned_{target:g}.json")})
+    return out
+
+
+def split(js: list[dict], k: int, n: int) -> list[dict]:
+    """Shard k of n: longest stored learning time first, each job to the least loaded shard; run in table order."""
+    load = [0.0] * n
+    mine = []
+    for j in sorted(js, key=lambda j: (-j["stored_seconds"], j["table"], j["target"])):
+        s = load.index(min(load))
+        load[s] += j["stored_seconds"]
+        if s == k:
+            mine.append(j)
+    return sorted(mine, key=lambda j: (TABLES.index(j["table"]), -j["target"]))
+
+
+def part_path(j: dict) -> str:
+    return os.path.join(PARTS, f"{j['table']}_{j['target']:g}.json")
+
+
+def run_job(j: dict, n: int, noise_seed: int) -> dict:
+    """Learn j's mask again; if its bits differ from the stored mask's, score both on n fresh noises."""
+    bm = bench_model(j["model"], j["guidance_scale"])
+    stored = maskc.Mask.load(j["mask"])
+    t0 = time.perf_counter()
+    new = bm.learn(j["sampler"], j["steps"], j["target"], j["seed"], **j["learn_kwargs"])
+    secs = time.perf_counter() - t0
+    same = new.names == stored.names and bool(torch.equal(new.bits, stored.bits))
+    out = {**j, "code": code_version(), "stored_code": stored.meta["provenance"].get("bench_key", {}).get("code"),
+           "seconds": secs, "same_bits": same, "macs_new": new.meta["provenance"]["macs_fraction"],
+           "macs_stored": stored.meta["provenance"]["macs_fraction"],
+           "differing_bits": int((new.bits != stored.bits).sum()) if new.bits.shape == stored.bits.shape else None,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if same:
+        return out
+    # Is the score the cause? The old objective must give the stored bits back.
+    old = bm.learn(j["sampler"], j["steps"], j["target"], j["seed"], **{**j["learn_kwargs"], "search_score": "psnr"})
+    out["psnr_score_gives_stored"] = old.names == stored.names and bool(torch.equal(old.bits, stored.bits))
+    sched = scheduler(j["sampler"])
+    sched.set_timesteps(j["steps"])
+    model = bm.model.eval()
+    cond = (lambda k, gen: bm.cond_of(torch.arange(k) % bm.n_classes)) if bm.conditional else None
+    uncond = (lambda k, gen: bm.cond_of(torch.full((k,), bm.n_classes))) if bm.conditional else None
+    g = torch.Generator().manual_seed(noise_seed)
+    call_kw, extra = _conditioning(n, g, cond, uncond, bm.guidance)
+    noise = torch.randn((n, *bm.shape), generator=g)
+    ex_kwargs = {"timestep": sched.timesteps[0].reshape(1), **{k: _slice1(v) for k, v in extra.items()}}
+    graph = maskc.block_graph(model, noise[:1], blocks=stored.names, **ex_kwargs)
+    cost = GenerationCost(model, stored.names, graph, (noise[:1],), ex_kwargs)
+    roll = Rollout(model, stored.names, sched, noise, call_kw, bm.guidance, "timestep")
+    mses = {}
+    for key, m in (("stored", stored), ("new", new)):
+        img = roll.final(cost.rectify(m.bits))
+        mses[key] = (img.double() - roll.reference.double()).pow(2).flatten(1).mean(1)
+        out[key] = statistics(mses[key])
+    d = plain_psnr(mses["new"]) - plain_psnr(mses["stored"])
+    out.update({"n": n, "noise_seed": noise_seed, "margin": float(d.mean()),
+                "margin_ci": interval(bootstrap_counts(n, 1000, 0) @ d / n)})
+    return out
+
+
+def report() -> None:
+    done = []
+    for j in jobs(TABLES):
+        if os.path.exists(part_path(j)):
+            with open(part_path(j)) as f:
+                done.append(json.load(f))
+    res = {"command": "python benchmarks/bench_relearn.py --report", "machine":
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "threads": 1, "rows": done}
+    with open(os.path.join(RESULTS, "relearn.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    same = sum(r["same_bits"] for r in done)
+    codes = sorted({r["code"] for r in done})
+    lines = ["# The bench tables' learned masks, learned again by today's code", "",
+             f"Made by `python benchmarks/bench_relearn.py --tables ... --shard K/2` (two one-thread processes) and "
+             f"`--report`; {res['machine']}; code {', '.join(codes)}; dates "
+             f"{min((r['date'] for r in done), default='-')} to {max((r['date'] for r in done), default='-')}.  ",
+             "Each mask learned again exactly as `maskc bench` learned it (same model, sampler, steps, target, "
+             "seed 0, guidance, settings, one thread). Where the bits differ, both masks are scored on fresh "
+             "noises (seed 555) by their final samples against the original's: mean plain PSNR (what the tables "
+             "report), mean PSNR saturating at 50 dB, and the bit-identical count; margin: new minus stored in "
+             "plain PSNR, 95% paired-bootstrap interval.", "",
+             f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
+             "| table | target | stored code | same bits | old score gives stored | differing bits | MACs stored "
+             "| MACs new | learning s (stored / now) | plain stored | plain new | sat. stored | sat. new "
+             "| identical (stored / new) "
+             "| margin | 95% interval |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        head = (f"| {r['table']} | {r['target']:g} | {r['stored_code']} | {'yes' if r['same_bits'] else '**no**'} "
+                f"| {'' if r['same_bits'] else ('yes' if r['psnr_score_gives_stored'] else 'no')} "
+                f"| {r['differing_bits']} | {r['macs_stored']:.3f} | {r['macs_new']:.3f} "
+                f"| {r['stored_seconds']:.0f} / {r['seconds']:.0f} |")
+        if r["same_bits"]:
+            lines.append(head + " | | | | | | |")
+        else:
+            s, w = r["stored"], r["new"]
+            lines.append(head + f" {s['plain']:.2f} | {w['plain']:.2f} | {s['saturating']:.2f} "
+                         f"| {w['saturating']:.2f} | {s['identical']} / {w['identical']} | {r['margin']:+.2f} "
+                         f"| [{r['margin_ci'][0]:+.2f}, {r['margin_ci'][1]:+.2f}] |")
+    with open(os.path.join(RESULTS, "relearn.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tables", nargs="+", default=TABLES, choices=TABLES)
+    ap.add_argument("--shard", default="0/1", help="K/N: this process's share of the jobs")
+    ap.add_argument("--n", type=int, default=256, help="fresh noises that score a mask whose bits changed")
+    ap.add_argument("--noise-seed", type=int, default=555)
+    ap.add_argument("--report", action="store_true", help="only write relearn.md and .json from the done jobs")
+    a = ap.parse_args()
+    if a.report:
+        report()
+        return
+    torch.set_num_threads(1)
+    k, n = (int(x) for x in a.shard.split("/"))
+    os.makedirs(PARTS, exist_ok=True)
+    for j in split(jobs(a.tables), k, n):
+        if os.path.exists(part_path(j)):
+            continue
+        print(f"{j['table']} {j['target']:g} ...", flush=True)
+        r = run_job(j, a.n, a.noise_seed)
+        tmp = part_path(j) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(r, f, indent=1)
+        os.replace(tmp, part_path(j))
+        print(f"  same={r['same_bits']} {r['seconds']:.0f} s" +
+              ("" if r["same_bits"] else f" margin {r['margin']:+.2f} {r['margin_ci']}"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
