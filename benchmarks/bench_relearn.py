@@ -9,7 +9,8 @@ whether that objective gives the stored bits back (then the change of score is t
 masks are scored on ``--n`` fresh noises (seed ``--noise-seed``, which neither learning nor the tables
 use) by the statistics of ``bench_search_score.py`` (mean plain PSNR of the final samples against the
 original's, mean PSNR saturating at 50 dB, pooled-MSE PSNR, bit-identical count), with the new-minus-stored
-margin and its 95% paired-bootstrap interval (1000 resamples, seed 0). Generations by
+margin and its 95% paired-bootstrap interval (1000 resamples, seed 0), and on the search's own 8
+calibration noises by the search's score (did it miss a mask its own score prefers?). Generations by
 ``maskc.rollout.Rollout``, bit for bit the runtime's.
 
 Jobs are split between ``--shard K/N`` processes by stored learning time (the same split in every
@@ -26,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -34,7 +36,7 @@ import torch
 import maskc
 from maskc.bench import bench_model, code_version
 from maskc.eval import bootstrap_counts, interval
-from maskc.learn import _conditioning, _slice1
+from maskc.learn import LearnConfig, _conditioning, _slice1
 from maskc.rollout import GenerationCost, Rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -98,6 +100,7 @@ def run_job(j: dict, n: int, noise_seed: int) -> dict:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if same:
         return out
+    new.save(part_path(j)[:-5] + "_mask.json")
     # Is the score the cause? The old objective must give the stored bits back.
     old = bm.learn(j["sampler"], j["steps"], j["target"], j["seed"], **{**j["learn_kwargs"], "search_score": "psnr"})
     out["psnr_score_gives_stored"] = old.names == stored.names and bool(torch.equal(old.bits, stored.bits))
@@ -118,6 +121,19 @@ def run_job(j: dict, n: int, noise_seed: int) -> dict:
         img = roll.final(cost.rectify(m.bits))
         mses[key] = (img.double() - roll.reference.double()).pow(2).flatten(1).mean(1)
         out[key] = statistics(mses[key])
+    # Both on the search's own calibration noises, drawn as maskc.learn.refine_trajectory draws them: did the
+    # search miss a mask its own score prefers (the stored one), or prefer one that carries over worse?
+    gc = torch.Generator().manual_seed(j["seed"] * 7919 + 17)
+    nc = j["learn_kwargs"].get("search_batch", LearnConfig.search_batch)
+    ckw, _ = _conditioning(nc, gc, cond, uncond, bm.guidance)
+    cal = Rollout(model, stored.names, sched, torch.randn((nc, *bm.shape), generator=gc), ckw, bm.guidance,
+                  "timestep", seed=j["seed"])
+    for key, m in (("stored", stored), ("new", new)):
+        b = cost.rectify(m.bits)
+        out[key].update({"calibration_score": cal.score(b), "calibration_psnr": cal.psnr(b)})
+    # the draw is learning's own iff the new mask scores here what its search recorded
+    out["calibration_checked"] = abs(out["new"]["calibration_score"] - new.meta["provenance"]["search"]
+                                     ["calibration_psnr"]) < 1e-6
     d = plain_psnr(mses["new"]) - plain_psnr(mses["stored"])
     out.update({"n": n, "noise_seed": noise_seed, "margin": float(d.mean()),
                 "margin_ci": interval(bootstrap_counts(n, 1000, 0) @ d / n)})
@@ -147,23 +163,27 @@ def report() -> None:
              "report), mean PSNR saturating at 50 dB, and the bit-identical count; margin: new minus stored in "
              "plain PSNR, 95% paired-bootstrap interval.", "",
              f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
-             "| table | target | stored code | same bits | old score gives stored | differing bits | MACs stored "
+             "| table | target | table's code | same bits | old score gives stored | differing bits | MACs stored "
              "| MACs new | learning s (stored / now) | plain stored | plain new | sat. stored | sat. new "
-             "| identical (stored / new) "
-             "| margin | 95% interval |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| identical (stored / new) | margin | 95% interval | search's score on its calibration noises "
+             "(stored / new) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def cal(st: dict) -> str:
+        return f"{st['calibration_score']:.2f}" if "calibration_score" in st else "-"
+
     for r in done:
-        head = (f"| {r['table']} | {r['target']:g} | {r['stored_code']} | {'yes' if r['same_bits'] else '**no**'} "
+        head = (f"| {r['table']} | {r['target']:g} | {r['table_code']} | {'yes' if r['same_bits'] else '**no**'} "
                 f"| {'' if r['same_bits'] else ('yes' if r['psnr_score_gives_stored'] else 'no')} "
                 f"| {r['differing_bits']} | {r['macs_stored']:.3f} | {r['macs_new']:.3f} "
                 f"| {r['stored_seconds']:.0f} / {r['seconds']:.0f} |")
         if r["same_bits"]:
-            lines.append(head + " | | | | | | |")
+            lines.append(head + " | | | | | | | |")
         else:
             s, w = r["stored"], r["new"]
             lines.append(head + f" {s['plain']:.2f} | {w['plain']:.2f} | {s['saturating']:.2f} "
                          f"| {w['saturating']:.2f} | {s['identical']} / {w['identical']} | {r['margin']:+.2f} "
-                         f"| [{r['margin_ci'][0]:+.2f}, {r['margin_ci'][1]:+.2f}] |")
+                         f"| [{r['margin_ci'][0]:+.2f}, {r['margin_ci'][1]:+.2f}] "
+                         f"| {cal(s)} / {cal(w)} |")
     with open(os.path.join(RESULTS, "relearn.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -175,16 +195,24 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="K/N: this process's share of the jobs")
     ap.add_argument("--n", type=int, default=256, help="fresh noises that score a mask whose bits changed")
     ap.add_argument("--noise-seed", type=int, default=555)
+    ap.add_argument("--one", default=None, help="TABLE:TARGET: run this one job in this process")
     ap.add_argument("--report", action="store_true", help="only write relearn.md and .json from the done jobs")
     a = ap.parse_args()
     if a.report:
         report()
         return
     torch.set_num_threads(1)
-    k, n = (int(x) for x in a.shard.split("/"))
     os.makedirs(PARTS, exist_ok=True)
-    for j in split(jobs(a.tables), k, n):
-        if os.path.exists(part_path(j)):
+    if a.one is None:  # each job in a fresh process: one process for all ran out of 24 GiB at DDIM 50
+        k, n = (int(x) for x in a.shard.split("/"))
+        for j in split(jobs(a.tables), k, n):
+            if not os.path.exists(part_path(j)):
+                subprocess.run([sys.executable, __file__, "--one", f"{j['table']}:{j['target']:g}", "--n", str(a.n),
+                                "--noise-seed", str(a.noise_seed)], check=True)
+        return
+    table, target = a.one.split(":")
+    for j in jobs([table]):
+        if j["target"] != float(target):
             continue
         print(f"{j['table']} {j['target']:g} ...", flush=True)
         r = run_job(j, a.n, a.noise_seed)
