@@ -29,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -85,10 +86,22 @@ def part_path(j: dict) -> str:
     return os.path.join(PARTS, f"{j['table']}_{j['target']:g}.json")
 
 
-def run_job(j: dict, n: int, noise_seed: int) -> dict:
+def stored_mask(j: dict, rev: str | None) -> maskc.Mask:
+    """j's stored mask: the file, or as committed at git revision ``rev`` (a bench run rewrites the file)."""
+    if rev is None:
+        return maskc.Mask.load(j["mask"])
+    text = subprocess.check_output(["git", "show", f"{rev}:{os.path.relpath(j['mask'], os.path.dirname(HERE))}"],
+                                   cwd=os.path.dirname(HERE))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "mask.json"), "wb") as f:
+            f.write(text)
+        return maskc.Mask.load(os.path.join(d, "mask.json"))
+
+
+def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
     """Learn j's mask again; if its bits differ from the stored mask's, score both on n fresh noises."""
     bm = bench_model(j["model"], j["guidance_scale"])
-    stored = maskc.Mask.load(j["mask"])
+    stored = stored_mask(j, rev)
     t0 = time.perf_counter()
     new = bm.learn(j["sampler"], j["steps"], j["target"], j["seed"], **j["learn_kwargs"])
     secs = time.perf_counter() - t0
@@ -97,7 +110,7 @@ def run_job(j: dict, n: int, noise_seed: int) -> dict:
            "seconds": secs, "same_bits": same, "macs_new": new.meta["provenance"]["macs_fraction"],
            "macs_stored": stored.meta["provenance"]["macs_fraction"],
            "differing_bits": int((new.bits != stored.bits).sum()) if new.bits.shape == stored.bits.shape else None,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rev": rev}
     if same:
         return out
     new.save(part_path(j)[:-5] + "_mask.json")
@@ -195,6 +208,7 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="K/N: this process's share of the jobs")
     ap.add_argument("--n", type=int, default=256, help="fresh noises that score a mask whose bits changed")
     ap.add_argument("--noise-seed", type=int, default=555)
+    ap.add_argument("--rev", default=None, help="read the stored masks as committed at this git revision")
     ap.add_argument("--one", default=None, help="TABLE:TARGET: run this one job in this process")
     ap.add_argument("--report", action="store_true", help="only write relearn.md and .json from the done jobs")
     a = ap.parse_args()
@@ -208,14 +222,14 @@ def main() -> None:
         for j in split(jobs(a.tables), k, n):
             if not os.path.exists(part_path(j)):
                 subprocess.run([sys.executable, __file__, "--one", f"{j['table']}:{j['target']:g}", "--n", str(a.n),
-                                "--noise-seed", str(a.noise_seed)], check=True)
+                                "--noise-seed", str(a.noise_seed)] + (["--rev", a.rev] if a.rev else []), check=True)
         return
     table, target = a.one.split(":")
     for j in jobs([table]):
         if j["target"] != float(target):
             continue
         print(f"{j['table']} {j['target']:g} ...", flush=True)
-        r = run_job(j, a.n, a.noise_seed)
+        r = run_job(j, a.n, a.noise_seed, a.rev)
         tmp = part_path(j) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(r, f, indent=1)
