@@ -167,7 +167,8 @@ def report() -> None:
     same = sum(r["same_bits"] for r in done)
     codes = sorted({r["code"] for r in done})
     lines = ["# The bench tables' learned masks, learned again by today's code", "",
-             f"Made by `python benchmarks/bench_relearn.py --tables ... --shard K/2` (two one-thread processes) and "
+             f"Made by `python benchmarks/bench_relearn.py --tables ... --shard K/2` (two one-thread processes, "
+             f"beside other benchmarks, so the learning times are not comparable), single jobs (`--one`) and "
              f"`--report`; {res['machine']}; code {', '.join(codes)}; dates "
              f"{min((r['date'] for r in done), default='-')} to {max((r['date'] for r in done), default='-')}.  ",
              "Each mask learned again exactly as `maskc bench` learned it (same model, sampler, steps, target, "
@@ -175,6 +176,12 @@ def report() -> None:
              "noises (seed 555) by their final samples against the original's: mean plain PSNR (what the tables "
              "report), mean PSNR saturating at 50 dB, and the bit-identical count; margin: new minus stored in "
              "plain PSNR, 95% paired-bootstrap interval.", "",
+             "Last column: both masks on the search's own 8 calibration noises, by the search's score (PSNR "
+             "saturating at 50 dB); the new mask scores there what its search recorded in every changed row "
+             f"({all(r.get('calibration_checked', True) for r in done)}).  ",
+             "Read from git (`--rev`, a `maskc bench` rerun had rewritten the file): "
+             + (", ".join(f"{r['table']} {r['target']:g} at {r['rev']}" for r in done if r.get("rev")) or "none")
+             + ".", "",
              f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
              "| table | target | table's code | same bits | old score gives stored | differing bits | MACs stored "
              "| MACs new | learning s (stored / now) | plain stored | plain new | sat. stored | sat. new "
