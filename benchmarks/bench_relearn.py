@@ -45,7 +45,7 @@ RESULTS = os.path.join(HERE, "results")
 PARTS = os.path.join(RESULTS, "relearn")
 sys.path.insert(0, HERE)
 from bench_learn import scheduler  # noqa: E402
-from bench_search_score import plain_psnr, statistics  # noqa: E402
+from bench_search_score import final_mse, plain_psnr, statistics  # noqa: E402
 
 TABLES = ["bench_unet_dpmpp10", "bench_dit_dpmpp10", "bench_sd_dpmpp10", "bench_unet_ddim20", "bench_dit_ddim20",
           "bench_sd_ddim20", "bench_unet_ddim50", "bench_dit_ddim50", "bench_sd_ddim50"]
@@ -126,8 +126,7 @@ def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
     sched = scheduler(j["sampler"])
     sched.set_timesteps(j["steps"])
     model = bm.model.eval()
-    cond = (lambda k, gen: bm.cond_of(torch.arange(k) % bm.n_classes)) if bm.conditional else None
-    uncond = (lambda k, gen: bm.cond_of(torch.full((k,), bm.n_classes))) if bm.conditional else None
+    cond, uncond = bm.conditioning()
     g = torch.Generator().manual_seed(noise_seed)
     call_kw, extra = _conditioning(n, g, cond, uncond, bm.guidance)
     noise = torch.randn((n, *bm.shape), generator=g)
@@ -141,8 +140,7 @@ def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
         kw = _take(call_kw, torch.arange(sl.start, sl.stop), n, bm.guidance is not None)
         roll = Rollout(model, stored.names, sched, noise[sl], kw, bm.guidance, "timestep")
         for key, m in (("stored", stored), ("new", new)):
-            img = roll.final(cost.rectify(m.bits))
-            parts[key].append((img.double() - roll.reference.double()).pow(2).flatten(1).mean(1))
+            parts[key].append(final_mse(roll, cost.rectify(m.bits)))
         del roll
     mses = {}
     for key in ("stored", "new"):

@@ -107,13 +107,20 @@ class BenchModel:
         """Model kwargs for class labels (``n_classes``: the null label or caption)."""
         return {"encoder_hidden_states": self.table[labels]} if self.table is not None else {"class_labels": labels}
 
+    def conditioning(self) -> tuple[Callable | None, Callable | None]:
+        """``maskc.learn``'s (cond, uncond) as the bench learns: labels i % n_classes, the null label; None, None
+        for an unconditional model."""
+        if not self.conditional:
+            return None, None
+        return (lambda k, gen: self.cond_of(torch.arange(k) % self.n_classes),
+                lambda k, gen: self.cond_of(torch.full((k,), self.n_classes)))
+
     def learn(self, sampler: str, steps: int, target: float, seed: int, **kw: Any) -> Any:
-        """``maskc.learn`` at ``target`` as ``maskc bench`` learns a level (labels i % n_classes, guided when
+        """``maskc.learn`` at ``target`` as ``maskc bench`` learns a level (``conditioning``, guided when
         conditional); ``kw``: learning settings."""
         import maskc
 
-        cond = (lambda k, gen: self.cond_of(torch.arange(k) % self.n_classes)) if self.conditional else None
-        uncond = (lambda k, gen: self.cond_of(torch.full((k,), self.n_classes))) if self.conditional else None
+        cond, uncond = self.conditioning()
         return maskc.learn(self.model, SAMPLERS[sampler](), steps=steps, sample_shape=self.shape, target=target,
                            seed=seed, cond=cond, uncond=uncond, guidance_scale=self.guidance, progress=False, **kw)
 
