@@ -47,12 +47,6 @@ def plain_psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
-def final_mse(roll: Rollout, bits: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE of ``roll``'s final samples under ``bits`` (rectified) against its unmasked ones
-    (what the private ``Rollout._mse`` computes)."""
-    return (roll.final(bits).double() - roll.reference.double()).pow(2).flatten(1).mean(1)
-
-
 def statistics(mse: torch.Tensor) -> dict[str, float]:
     """The four statistics of per-sample MSEs (module docstring), and the bit-identical count."""
     plain = plain_psnr(mse)
@@ -102,7 +96,7 @@ def main() -> None:
     roll = Rollout(model, names, sched, noise, call_kw, guidance, "timestep")
 
     def mse(bits: torch.Tensor) -> torch.Tensor:
-        return final_mse(roll, cost.rectify(bits))
+        return roll.mse(cost.rectify(bits))
 
     learned = {}
     for obj, m in masks.items():

@@ -328,6 +328,7 @@ def learn_cmd(args: argparse.Namespace) -> int:
     _threads(args.threads)
     overrides = dict(batch=args.batch, iters=args.iters, sampling=args.sampling, cache=args.cache, refine=args.refine,
                      search_evals=args.search_evals, search_batch=args.search_batch,
+                     search_restarts=args.search_restarts, select_batch=args.select_batch,
                      loss_scaling=not args.no_loss_scaling, rectify=not args.no_rectify)
     if args.pipeline:
         return _learn_pipeline(args, overrides)
@@ -625,6 +626,11 @@ def parser() -> argparse.ArgumentParser:
     ln.add_argument("--search-evals", type=int, default=LC.search_evals, help="masks the trajectory search scores")
     ln.add_argument("--search-batch", type=int, default=LC.search_batch,
                     help="calibration noises of the trajectory search (split over torchrun processes)")
+    ln.add_argument("--search-restarts", type=int, default=LC.search_restarts,
+                    help="searches, each on its own calibration noises; the best on --select-batch other noises is "
+                         "kept (cheaper than several --seed: phases 1 to 3 run once)")
+    ln.add_argument("--select-batch", type=int, default=LC.select_batch,
+                    help="(--search-restarts above 1) noises that choose among the restarts")
     ln.add_argument("--sampling", choices=["stochastic", "gumbel"], default="gumbel",
                     help="how masks are sampled during learning (gumbel: Gumbel-Softmax; stochastic: Bernoulli)")
     ln.add_argument("--no-loss-scaling", action="store_true", help="turn off timestep-aware loss scaling")

@@ -28,7 +28,13 @@
    original's cannot decide alone: ``LearnConfig.search_score``), seeded with the
    projected mask and with the best schedules of every peer family
    (``maskc.schedules.peer_library``) fitted into the budget; see ``maskc.refine``.
-   ``refine="none"`` returns phase 3's mask (the ablation).
+   ``refine="none"`` returns phase 3's mask (the ablation). With
+   ``LearnConfig.search_restarts`` = R > 1 the search runs R times from the same
+   seeds, restart r on its own calibration noises and random stream (those of seed + r;
+   restart 0 is the single search), and ``select_restart`` keeps the result whose
+   final samples score best on ``select_batch`` selection noises that no restart saw
+   (a single search lands in one of many local optima, and its own calibration score
+   overrates the one it found: ``benchmarks/results/search_restarts.md``).
 
 Budget: the returned mask's MACs, counted by FlopCounterMode over a whole generation
 of the compiled mask (``maskc.rollout.GenerationCost`` counts exactly that), lie in
@@ -60,7 +66,8 @@ from maskc.refine import RefineResult, refine
 from maskc.rollout import GenerationCost, Rollout
 from maskc.sampling import denoise, stack_kwargs
 
-__all__ = ["LearnConfig", "learn", "reference_trajectory", "optimize_steps", "project_budget", "refine_trajectory"]
+__all__ = ["LearnConfig", "learn", "reference_trajectory", "optimize_steps", "project_budget", "refine_trajectory",
+           "select_restart", "calibration_seed", "selection_seed", "noise_rollout", "learned_rows"]
 
 
 @dataclass
@@ -90,6 +97,10 @@ class LearnConfig:
     # The search's objective: "saturating" (PSNR with an MSE floor, 50 dB at most: Rollout.score) or "psnr"
     # (plain PSNR, whose 120 dB for a bit-identical sample can decide alone; the ablation).
     search_score: str = "saturating"
+    # Phase 4 restarts: searches on their own calibration noises and random streams (seed + r), the best on
+    # select_batch other noises kept; 1: the single search (module docstring).
+    search_restarts: int = 1
+    select_batch: int = 32  # selection noises of the restarts (unused with one search)
     below: float = 0.03  # the budget window is [target - below, target + above]
     above: float = 0.01
 
@@ -106,6 +117,9 @@ class LearnConfig:
             raise MaskcError(f"search_score must be 'saturating' or 'psnr', got {self.search_score!r}")
         if self.batch < 1 or self.iters < 1 or self.round_size < 1 or self.search_batch < 1 or self.search_evals < 0:
             raise MaskcError("batch, iters, round_size and search_batch must be positive, search_evals >= 0")
+        if self.search_restarts < 1 or self.select_batch < 1:
+            raise MaskcError(f"search_restarts and select_batch must be at least 1, got {self.search_restarts} and "
+                             f"{self.select_batch}: search_restarts=1 is the single search")
         if self.below < 0 or self.above < 0:
             raise MaskcError(f"the budget window must contain the target; got below={self.below}, above={self.above}")
 
@@ -449,46 +463,73 @@ def _unrectified(cost: GenerationCost, b: torch.Tensor) -> float:
     return cost.fraction(b)  # exact rectification changes no measured MACs (benchmarks/results/rectify.md)
 
 
-def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, scores: torch.Tensor,
-                      traj: Trajectory, cost: GenerationCost, cond: Callable | None, uncond: Callable | None,
-                      seed: int, lo: float, hi: float, progress: bool = True) -> RefineResult | None:
-    """Phase 4: whole-trajectory search from the projected mask and the peers (``maskc.refine``).
+def calibration_seed(seed: int, restart: int = 0) -> int:
+    """Seed of the generator that draws the search's calibration batch for learning ``seed``, restart ``restart``
+    (its conditioning first, then its noise: ``noise_rollout``)."""
+    return (seed + restart) * 7919 + 17
 
-    The calibration noises are ``search_batch`` fresh draws from the seed, split over
-    torchrun processes (each scores its share; the PSNRs are summed over processes).
-    """
-    from maskc.schedules import peer_library
 
+def selection_seed(seed: int) -> int:
+    """Seed of the generator that draws the restarts' selection batch: no restart's calibration seed."""
+    return seed * 7919 + 29
+
+
+def noise_rollout(prob: Problem, shape: Sequence[int], n: int, generator_seed: int, cond: Callable | None,
+                  uncond: Callable | None, seed: int) -> Rollout:
+    """A ``Rollout`` of n noises drawn (conditioning first, then noise) from ``generator_seed``, split over
+    torchrun processes: each holds its share, and the PSNRs are summed over processes."""
     rank, world = _dist_rank_world()
-    g = torch.Generator(device="cpu").manual_seed(seed * 7919 + 17)
-    n = cfg.search_batch
+    g = torch.Generator(device="cpu").manual_seed(generator_seed)
     call_kw, _ = _conditioning(n, g, cond, uncond, prob.guidance_scale)
     p0 = next(prob.model.parameters())
-    noise = torch.randn((n, *traj.xs[0].shape[1:]), generator=g).to(p0.device, p0.dtype)
-    share = [k for k in range(n) if k % world == rank]
+    noise = torch.randn((n, *shape), generator=g).to(p0.device, p0.dtype)
     if world > 1:
-        idx = torch.tensor(share)
+        idx = torch.tensor([k for k in range(n) if k % world == rank])
         noise = noise[idx]
         call_kw = _take(call_kw, idx, n, prob.guidance_scale is not None)
-    rollout = Rollout(prob.model, prob.names, prob.scheduler, noise, call_kw, prob.guidance_scale, prob.tkw,
-                      seed=seed, world=(world, n))
-    B = len(prob.names)
-    step_rows = []
-    for i in range(prob.T):  # the step's learned top-m blocks, every m
+    return Rollout(prob.model, prob.names, prob.scheduler, noise, call_kw, prob.guidance_scale, prob.tkw,
+                   seed=seed, world=(world, n))
+
+
+def learned_rows(scores: torch.Tensor) -> list[list[torch.Tensor]]:
+    """For each step i, the rows that keep its m highest-scored blocks (phase 2's scores), m = 1 .. B - 1:
+    the moves only step i may take in the search."""
+    B = scores.shape[1]
+    out = []
+    for i in range(scores.shape[0]):
         order = torch.argsort(-scores[i], stable=True)
         rows = []
         for m in range(1, B):
             r = torch.zeros(B, dtype=torch.bool)
             r[order[:m]] = True
             rows.append(r)
-        step_rows.append(rows)
+        out.append(rows)
+    return out
+
+
+def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, scores: torch.Tensor,
+                      traj: Trajectory, cost: GenerationCost, cond: Callable | None, uncond: Callable | None,
+                      seed: int, lo: float, hi: float, progress: bool = True, restart: int = 0) -> RefineResult | None:
+    """Phase 4: whole-trajectory search from the projected mask and the peers (``maskc.refine``).
+
+    The calibration noises are ``search_batch`` fresh draws from ``calibration_seed(seed, restart)``, and the
+    search's random stream is seed + restart (restart 0: the single search).
+    """
+    from maskc.schedules import peer_library
+
+    rank, _ = _dist_rank_world()
+    rollout = noise_rollout(prob, traj.xs[0].shape[1:], cfg.search_batch, calibration_seed(seed, restart), cond,
+                            uncond, seed + restart)
+    step_rows = learned_rows(scores)
     peers = peer_library(prob.names, prob.T, delta=traj.delta.tolist())
     bar = None
     if progress and rank == 0:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.search_evals, desc="maskc learn: trajectory search", unit="mask")
+            desc = "maskc learn: trajectory search" + (f" {restart + 1}/{cfg.search_restarts}"
+                                                         if cfg.search_restarts > 1 else "")
+            bar = tqdm(total=cfg.search_evals, desc=desc, unit="mask")
         except ImportError:
             bar = None
 
@@ -499,11 +540,20 @@ def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, score
 
     try:
         return refine(rollout, cost, [("learned (phase 3)", bits)], peers, lo, hi, priority=traj.delta.tolist(),
-                      step_rows=step_rows, evaluations=cfg.search_evals, seed=seed, progress=tick,
+                      step_rows=step_rows, evaluations=cfg.search_evals, seed=seed + restart, progress=tick,
                       score=cfg.search_score)
     finally:
         if bar is not None:
             bar.close()
+
+
+def select_restart(prob: Problem, cfg: LearnConfig, results: Sequence[RefineResult], shape: Sequence[int],
+                   cond: Callable | None, uncond: Callable | None, seed: int) -> tuple[int, list[float]]:
+    """(index of the kept result, every result's selection score): ``Rollout.score`` of each restart's mask on
+    ``select_batch`` noises from ``selection_seed(seed)``; ties go to the earlier restart."""
+    roll = noise_rollout(prob, shape, cfg.select_batch, selection_seed(seed), cond, uncond, seed)
+    sel = [roll.score(r.bits) for r in results]
+    return max(range(len(sel)), key=lambda k: (sel[k], -k)), sel
 
 
 def _take(kw: dict, idx: torch.Tensor, n: int, stacked: bool) -> dict:
@@ -617,11 +667,24 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
     lo, hi = cfg.target - cfg.below, cfg.target + cfg.above
     search: dict[str, Any] = {}
     res = None
+    restarts: list[dict[str, Any]] = []
+    kept = 0
     if cfg.refine == "search":
         res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
         if res is None:  # coarse masks (few steps or blocks): widen the window to the projection's MACs
             lo, hi = min(lo, frac), max(hi, frac)
             res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
+        if res is not None and cfg.search_restarts > 1:  # the seeds fit the same window for every restart
+            results = [res] + [refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi,
+                                                 progress, restart=r) for r in range(1, cfg.search_restarts)]
+            if any(r is None for r in results):
+                raise MaskcError("a search restart found no mask in the budget window that restart 0 found one "
+                                 "in; this is a bug in maskc: please report it with the model and settings")
+            kept, sel = select_restart(prob, cfg, results, traj.xs[0].shape[1:], cond, uncond, seed)
+            restarts = [{"restart": k, "calibration_psnr": r.psnr, "selection_score": s, "macs_fraction":
+                         r.macs_fraction, "started_from": r.seed, "masks_scored": r.evaluations}
+                        for k, (r, s) in enumerate(zip(results, sel))]
+            res = results[kept]
     else:
         lo, hi = min(lo, frac), max(hi, frac)
     if res is not None:
@@ -636,6 +699,7 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
             "best_peer_no_more_macs": best_peer,
             "margin_db": res.psnr - best_peer["psnr"] if best_peer else None,
             "peers_scored": len(res.peers),
+            **({"restarts": restarts, "kept_restart": kept} if restarts else {}),
         }
     mask = Mask(
         bits,

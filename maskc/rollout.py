@@ -175,7 +175,7 @@ class Rollout:
 
     def psnr(self, bits: torch.Tensor, commit: bool = False) -> float:
         """Mean PSNR (dB) of the final samples under ``bits`` against the unmasked ones."""
-        return self._mean(10 * torch.log10(1 / self._mse(bits, commit).clamp_min(1e-12)))
+        return self._mean(10 * torch.log10(1 / self.mse(bits, commit).clamp_min(1e-12)))
 
     def score(self, bits: torch.Tensor, commit: bool = False) -> float:
         """The search's objective: mean over samples of ``10 log10(1 / (MSE + MSE_FLOOR))`` (dB).
@@ -184,9 +184,11 @@ class Rollout:
         that clamps to 0 under both) counts 50 dB, not the 120 dB of ``psnr``'s clamp, so a few
         such samples cannot outweigh the others (``benchmarks/results/search_score_*.md``).
         """
-        return self._mean(10 * torch.log10(1 / (self._mse(bits, commit) + MSE_FLOOR)))
+        return self._mean(10 * torch.log10(1 / (self.mse(bits, commit) + MSE_FLOOR)))
 
-    def _mse(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
+    def mse(self, bits: torch.Tensor, commit: bool = False) -> torch.Tensor:
+        """Per-sample MSE (float64, this process's share) of the final samples in [0, 1] under ``bits`` against
+        the unmasked ones: what ``psnr`` and ``score`` average."""
         img = self._run(bits, commit)
         return (img.double() - self.reference.double()).pow(2).flatten(1).mean(1)
 
