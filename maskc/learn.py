@@ -675,16 +675,16 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
             lo, hi = min(lo, frac), max(hi, frac)
             res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
         if res is not None and cfg.search_restarts > 1:  # the seeds fit the same window for every restart
-            results = [res] + [refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi,
-                                                 progress, restart=r) for r in range(1, cfg.search_restarts)]
-            if any(r is None for r in results):
-                raise MaskcError("a search restart found no mask in the budget window that restart 0 found one "
-                                 "in; this is a bug in maskc: please report it with the model and settings")
-            kept, sel = select_restart(prob, cfg, results, traj.xs[0].shape[1:], cond, uncond, seed)
-            restarts = [{"restart": k, "calibration_psnr": r.psnr, "selection_score": s, "macs_fraction":
-                         r.macs_fraction, "started_from": r.seed, "masks_scored": r.evaluations}
-                        for k, (r, s) in enumerate(zip(results, sel))]
-            res = results[kept]
+            runs = [(0, res)] + [(r, refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo,
+                                                       hi, progress, restart=r)) for r in range(1, cfg.search_restarts)]
+            # a restart ranks the peers it fits on its own noises, so it may find no seed in the window where
+            # restart 0 found one (phase 3's mask did not fit): such a restart is left out
+            runs = [(r, x) for r, x in runs if x is not None]
+            pick, sel = select_restart(prob, cfg, [x for _, x in runs], traj.xs[0].shape[1:], cond, uncond, seed)
+            restarts = [{"restart": r, "calibration_psnr": x.psnr, "selection_score": s, "macs_fraction":
+                         x.macs_fraction, "started_from": x.seed, "masks_scored": x.evaluations}
+                        for (r, x), s in zip(runs, sel)]
+            kept, res = runs[pick]
     else:
         lo, hi = min(lo, frac), max(hi, frac)
     if res is not None:
