@@ -37,7 +37,7 @@ import torch
 import maskc
 from maskc.bench import bench_model, code_version
 from maskc.eval import bootstrap_counts, interval
-from maskc.learn import LearnConfig, _conditioning, _slice1, _take, calibration_seed
+from maskc.learn import LearnConfig, _conditioning, _slice1, _take, _timestep_kw, calibration_seed
 from maskc.rollout import GenerationCost, Rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -98,6 +98,39 @@ def stored_mask(j: dict, rev: str | None) -> maskc.Mask:
         return maskc.Mask.load(os.path.join(d, "mask.json"))
 
 
+def eval_cost(bm, sched, names: list[str]) -> GenerationCost:
+    """MACs and rectification of masks over ``names`` on bench model ``bm`` (``sched`` set to its steps), traced on
+    a batch-1 example of the bench's conditioning."""
+    model = bm.model.eval()
+    cond, uncond = bm.conditioning()
+    tkw = _timestep_kw(model)
+    ex = torch.zeros(1, *bm.shape)
+    extra = _conditioning(1, torch.Generator().manual_seed(0), cond, uncond, bm.guidance)[1]
+    ex_kwargs = {tkw: sched.timesteps[0].reshape(1), **{k: _slice1(v) for k, v in extra.items()}}
+    graph = maskc.block_graph(model, ex, blocks=names, **ex_kwargs)
+    return GenerationCost(model, names, graph, (ex,), ex_kwargs)
+
+
+def fresh_mse(bm, sched, cost: GenerationCost, masks: dict, n: int, noise_seed: int) -> dict:
+    """Per-sample MSE of each mask's final samples against the original's on n noises of ``noise_seed`` (the
+    bench's conditioning drawn first), by ``Rollout`` in chunks of 32: it keeps every step's states, and 256
+    samples x 50 steps at once ran out of 24 GiB."""
+    model = bm.model.eval()
+    cond, uncond = bm.conditioning()
+    g = torch.Generator().manual_seed(noise_seed)
+    call_kw, _ = _conditioning(n, g, cond, uncond, bm.guidance)
+    noise = torch.randn((n, *bm.shape), generator=g)
+    parts: dict = {k: [] for k in masks}
+    for c in range(0, n, 32):
+        idx = torch.arange(c, min(n, c + 32))
+        kw = _take(call_kw, idx, n, bm.guidance is not None)
+        roll = Rollout(model, cost.names, sched, noise[idx], kw, bm.guidance, _timestep_kw(model))
+        for k, b in masks.items():
+            parts[k].append(roll.mse(cost.rectify(b)))
+        del roll
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
     """Learn j's mask again; if its bits differ from the stored mask's, score both on n fresh noises."""
     bm = bench_model(j["model"], j["guidance_scale"])
@@ -127,24 +160,9 @@ def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
     sched.set_timesteps(j["steps"])
     model = bm.model.eval()
     cond, uncond = bm.conditioning()
-    g = torch.Generator().manual_seed(noise_seed)
-    call_kw, extra = _conditioning(n, g, cond, uncond, bm.guidance)
-    noise = torch.randn((n, *bm.shape), generator=g)
-    ex_kwargs = {"timestep": sched.timesteps[0].reshape(1), **{k: _slice1(v) for k, v in extra.items()}}
-    graph = maskc.block_graph(model, noise[:1], blocks=stored.names, **ex_kwargs)
-    cost = GenerationCost(model, stored.names, graph, (noise[:1],), ex_kwargs)
-    # Rollout keeps every step's states: 256 samples x 50 steps at once ran out of 24 GiB, so chunks of 32
-    parts: dict[str, list[torch.Tensor]] = {"stored": [], "new": []}
-    for c in range(0, n, 32):
-        sl = slice(c, min(n, c + 32))
-        kw = _take(call_kw, torch.arange(sl.start, sl.stop), n, bm.guidance is not None)
-        roll = Rollout(model, stored.names, sched, noise[sl], kw, bm.guidance, "timestep")
-        for key, m in (("stored", stored), ("new", new)):
-            parts[key].append(roll.mse(cost.rectify(m.bits)))
-        del roll
-    mses = {}
+    cost = eval_cost(bm, sched, stored.names)
+    mses = fresh_mse(bm, sched, cost, {"stored": stored.bits, "new": new.bits}, n, noise_seed)
     for key in ("stored", "new"):
-        mses[key] = torch.cat(parts[key])
         out[key] = statistics(mses[key])
     # Both on the search's own calibration noises, drawn as maskc.learn.refine_trajectory draws them: did the
     # search miss a mask its own score prefers (the stored one), or prefer one that carries over worse?

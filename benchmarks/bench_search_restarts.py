@@ -45,17 +45,17 @@ import torch
 import maskc
 from maskc.bench import SAMPLERS, bench_model, code_version
 from maskc.eval import bootstrap_counts, interval
-from maskc.learn import (LearnConfig, Problem, _conditioning, _slice1, _take, _timestep_kw, calibration_seed,
+from maskc.learn import (LearnConfig, Problem, _conditioning, _slice1, _timestep_kw, calibration_seed,
                          learned_rows, noise_rollout, optimize_steps, project_budget, reference_trajectory)
 from maskc.refine import refine
-from maskc.rollout import MSE_FLOOR, GenerationCost, Rollout
+from maskc.rollout import MSE_FLOOR, GenerationCost
 from maskc.schedules import peer_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 PARTS = os.path.join(RESULTS, "search_restarts")
 sys.path.insert(0, HERE)
-from bench_relearn import jobs, stored_mask  # noqa: E402
+from bench_relearn import eval_cost, fresh_mse, jobs, stored_mask  # noqa: E402
 from bench_search_score import plain_psnr  # noqa: E402
 
 VARIANTS = [("stream 0", 0, 0), ("stream 1", 0, 1), ("stream 2", 0, 2), ("noises 1", 1, 1), ("noises 2", 2, 2)]
@@ -124,24 +124,6 @@ def search(p: dict, noise_seed: int, stream_seed: int) -> tuple[torch.Tensor, fl
     raise SystemExit("no seed of the search fits the budget window")
 
 
-def held_out(p: dict, j: dict, masks: dict[str, torch.Tensor], n: int, noise_seed: int) -> dict[str, torch.Tensor]:
-    """Per-sample MSE of each mask's final samples against the original's, on n noises from ``noise_seed``
-    (labels i % classes, the bench's conditioning), in chunks of 32 (a Rollout keeps every step's states)."""
-    prob, bm = p["prob"], p["bm"]
-    g = torch.Generator().manual_seed(noise_seed)
-    call_kw, _ = _conditioning(n, g, p["cond"], p["uncond"], bm.guidance)
-    noise = torch.randn((n, *bm.shape), generator=g)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in masks}
-    for c in range(0, n, 32):
-        idx = torch.arange(c, min(n, c + 32))
-        kw = _take(call_kw, idx, n, bm.guidance is not None)
-        roll = Rollout(prob.model, prob.names, prob.scheduler, noise[idx], kw, bm.guidance, prob.tkw)
-        for k, b in masks.items():
-            parts[k].append(roll.mse(p["cost"].rectify(b)))
-        del roll
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
 def saturating(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / (mse + MSE_FLOOR))
 
@@ -156,8 +138,8 @@ def run_job(j: dict, n: int, n_select: int, rev: str | None) -> dict:
         print(f"  {label}: calibration {calib[label]:.2f} dB, {secs[label]:.0f} s", flush=True)
     stored = stored_mask(j, rev)
     reproduces = stored.names == p["prob"].names and bool(torch.equal(stored.bits, masks["stream 0"]))
-    ev = held_out(p, j, masks, n, 999)
-    sel = held_out(p, j, masks, n_select, 998)
+    ev = fresh_mse(p["bm"], p["prob"].scheduler, p["cost"], masks, n, 999)
+    sel = fresh_mse(p["bm"], p["prob"].scheduler, p["cost"], masks, n_select, 998)
     on_sel = {k: float(saturating(v).mean()) for k, v in sel.items()}
     counts = bootstrap_counts(n, 1000, 0)
     base_plain, base_sat = plain_psnr(ev["stream 0"]), saturating(ev["stream 0"])
@@ -191,8 +173,10 @@ def check_learn(j: dict, restarts: int, n: int, rev: str | None) -> dict:
                                                                           "search_restarts": restarts})
     secs = time.perf_counter() - t0
     stored = stored_mask(j, rev)
-    p = prepare_eval(bm, j, mask.names)
-    ev = held_out(p, j, {"stored": stored.bits, "restarts": mask.bits}, n, 999)
+    sched = SAMPLERS[j["sampler"]]()
+    sched.set_timesteps(j["steps"])
+    ev = fresh_mse(bm, sched, eval_cost(bm, sched, mask.names), {"stored": stored.bits, "restarts": mask.bits}, n,
+                   999)
     d = plain_psnr(ev["restarts"]) - plain_psnr(ev["stored"])
     search = mask.meta["provenance"]["search"]
     return {**{k: j[k] for k in ("table", "model", "sampler", "steps", "seed", "target")}, "code": code_version(),
@@ -201,24 +185,6 @@ def check_learn(j: dict, restarts: int, n: int, rev: str | None) -> dict:
             "psnr_stored": float(plain_psnr(ev["stored"]).mean()), "psnr": float(plain_psnr(ev["restarts"]).mean()),
             "over_stored": float(d.mean()), "over_stored_ci": interval(bootstrap_counts(n, 1000, 0) @ d / n),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def prepare_eval(bm, j: dict, names: list[str]) -> dict:
-    """What ``held_out`` needs of ``prepare``'s result, without learning: model, blocks, sampler, cost."""
-    model = bm.model.eval()
-    cond, uncond = bm.conditioning()
-    sched = SAMPLERS[j["sampler"]]()
-    sched.set_timesteps(j["steps"])
-    tkw = _timestep_kw(model)
-    ex = torch.zeros(1, *bm.shape)
-    extra = _conditioning(1, torch.Generator().manual_seed(0), cond, uncond, bm.guidance)[1]
-    ex_kwargs = {tkw: sched.timesteps[0].reshape(1), **{k: _slice1(v) for k, v in extra.items()}}
-    graph = maskc.block_graph(model, ex, blocks=names, **ex_kwargs)
-    macs = torch.tensor([float(graph.nodes[b]["macs"]) for b in names], dtype=torch.float64)
-    prob = Problem(model, sched, sched.timesteps, names, graph, macs, float(graph.graph["total_macs"]), tkw,
-                   bm.guidance, (ex,), ex_kwargs)
-    return {"bm": bm, "prob": prob, "cond": cond, "uncond": uncond,
-            "cost": GenerationCost(model, names, graph, (ex,), ex_kwargs)}
 
 
 def part_path(spec: str) -> str:

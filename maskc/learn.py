@@ -674,7 +674,7 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
         if res is None:  # coarse masks (few steps or blocks): widen the window to the projection's MACs
             lo, hi = min(lo, frac), max(hi, frac)
             res = refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo, hi, progress)
-        if res is not None and cfg.search_restarts > 1:  # the seeds fit the same window for every restart
+        if res is not None and cfg.search_restarts > 1:  # the other restarts search restart 0's window
             runs = [(0, res)] + [(r, refine_trajectory(prob, cfg, bits, scores, traj, cost, cond, uncond, seed, lo,
                                                        hi, progress, restart=r)) for r in range(1, cfg.search_restarts)]
             # a restart ranks the peers it fits on its own noises, so it may find no seed in the window where
