@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-__all__ = ["BenchConfig", "run_bench", "code_version"]
+__all__ = ["BenchConfig", "run_bench", "code_version", "row_version"]
 
 
 SAMPLERS: dict[str, Callable[[], Any]] = {  # the training noise schedule: 1000 steps, linear betas
@@ -63,6 +63,41 @@ MASK_CODE_EXEMPT = {
 }
 
 
+# Modules whose code decides a table's row from a mask's bits (its samples and their scores), besides passes/
+# and maskc/models/: what the row store keys on. tests/test_bench.py walks their imports.
+ROW_CODE = ("__init__", "runtime", "cudagraphs", "sampling", "mask", "graphs", "eval", "data")
+ROW_CODE_EXEMPT = {
+    "errors": "exception classes and their messages",
+    "learn": "eval.generation_macs counts MACs with learn.measured_flops: a row's MACs are counted afresh, never stored",
+}
+
+
+def _hash_files(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
+
+def row_version() -> str:
+    """A hash of the code that turns a mask's bits into a table's row: ``passes/``, ``maskc/models/`` and
+    ``ROW_CODE`` (not learning: a change to learn.py keeps the rows of the masks it learns again bit for bit)."""
+    import importlib
+
+    paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in ROW_CODE]
+    dirs = [os.path.dirname(importlib.import_module(p).__file__) for p in ("maskc.passes", "maskc.models")]
+    files = sorted(os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.endswith(".py"))
+    return _hash_files(files + paths)
+
+
+def weights_version(folder: str) -> str:
+    """A hash of a model folder's weights and config (``*.safetensors``, ``*.json`` but masks and records)."""
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.endswith(".safetensors") or f == "config.json" or f == "stats.json")
+    return _hash_files(files)
+
+
 def code_version() -> str:
     """A hash of the code that decides learned masks and their cost: ``passes/`` and ``MASK_CODE``.
 
@@ -70,18 +105,13 @@ def code_version() -> str:
     to the compiler learns afresh, and recorded in every result so that ``--phase time``
     refuses quality figures made by other code.
     """
-    import hashlib
     import importlib
 
     # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
     paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in MASK_CODE]
     pdir = os.path.dirname(importlib.import_module("maskc.passes").__file__)
     files = sorted(os.path.join(pdir, f) for f in os.listdir(pdir) if f.endswith(".py"))
-    h = hashlib.sha256()
-    for path in files + paths:
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return h.hexdigest()[:12]
+    return _hash_files(files + paths)
 
 
 @dataclass
@@ -170,6 +200,9 @@ class BenchConfig:
     out: str = "benchmarks/results"
     name: str = ""  # file stem; default bench_<model>_<sampler><T> (ddim, dpmpp)
     reuse_masks: bool = True  # load learned masks from <out>/masks/ when their settings match
+    # keep each sampled row (figures, features, per-sample PSNR) under <out>/rows/ and reuse it in later runs
+    # for a mask of the same bits, while row_version(), the weights and the sampling settings are the same
+    row_store: bool = True
     shard: int = 0  # this process samples the methods whose index i (the original first) has i % shards == shard
     shards: int = 1
     help_shards: bool = True  # then the other shards' unfinished methods, from the last backwards
@@ -234,6 +267,15 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
                      "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads, "guidance_scale": guidance,
                      "select_n": cfg.select_n, "targets": list(cfg.targets), "ablations": cfg.ablations,
                      "peers": cfg.peers, "random": cfg.random, "learn_kwargs": cfg.learn_kwargs})
+    from maskc.models.classifier import WEIGHTS as classifier_dir
+    from maskc.eval import EVAL_DIR
+
+    # rows by mask bits, kept across runs: everything that decides a row from the bits, and nothing of learning
+    store = _Partial(os.path.join(cfg.out, "rows", stem),
+                     {"row_code": row_version(), "model": weights_version(path), "scorer": [
+                         weights_version(classifier_dir), weights_version(EVAL_DIR)], "sampler": cfg.sampler,
+                      "steps": T, "n": cfg.n, "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads,
+                      "guidance_scale": guidance}) if cfg.row_store else None
 
     def kwargs_for(labels: torch.Tensor | None) -> dict:
         if labels is None:
@@ -419,7 +461,56 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
                 r["class_accuracy"] = feats.accuracy(images, labels)
             return r
 
+        def method_row(i: int, figures: dict[str, Any]) -> dict[str, Any]:
+            """Row i (a mask's): what the method is, its MACs (counted here) and ``figures`` from its samples."""
+            m = methods[i - 1]
+            return {"method": m["method"], "family": m["family"], "macs_fraction": frac(m["mask"]),
+                    "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
+                    "target": m.get("target"), "mask_file": m.get("file"),
+                    **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m}, **figures}
+
+        def save_mask(i: int, row: dict[str, Any]) -> None:
+            m = methods[i - 1]
+            if m.get("file") is None:
+                m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
+                row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
+
+        def keep(i: int, row: dict[str, Any]) -> None:
+            """Row i's sample figures, features and per-sample PSNR into the row store, by its mask's bits."""
+            if store is None:
+                return
+            sid = ids[i][1] or "original"
+            store.put_tensor(f"features-{_digest(sid)}", part.get_tensor(f"features-{_digest(ids[i])}"))
+            if i:
+                store.put_tensor(f"psnr-{_digest(sid)}", part.get_tensor(f"psnr-{_digest(ids[i])}"))
+            store.put("row", sid, {**{k: row[k] for k in ROW_FIGURES if k in row},
+                                   "stored": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                       timespec="seconds"), "code_version": version, "row_version": row_version()}})
+
+        def from_store(i: int) -> bool:
+            """Row i from the row store into this run's partial folder, if a run sampled a mask of its bits."""
+            sid = ids[i][1] or "original"
+            got = store.get("row", sid) if store is not None else None
+            f = store.get_tensor(f"features-{_digest(sid)}") if got is not None else None
+            p = store.get_tensor(f"psnr-{_digest(sid)}") if got is not None and i else None
+            if f is None or (i and p is None):
+                return False
+            part.put_tensor(f"features-{_digest(ids[i])}", f)
+            if i:
+                part.put_tensor(f"psnr-{_digest(ids[i])}", p)
+                row = method_row(i, {**got, "sampled_by": "row store"})
+                save_mask(i, row)
+            else:
+                row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
+                       **got, "psnr": None, "ssim": None, "sampled_by": "row store"}
+            part.put("row", ids[i], row)
+            return True
+
         ids = [("original (full model)", None)] + [(m["method"], _bits_digest(m["mask"])) for m in methods]
+        reused = [i for i, ident in enumerate(ids) if part.get("row", ident) is None and from_store(i)]
+        if reused:
+            log(f"{len(reused)} of {len(ids)} rows from the row store ({store.dir}): masks of the same bits, "
+                f"sampled and scored by the same code (row version {row_version()})")
         todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
         if cfg.help_shards:  # then the others' from the last backwards: the owners go forwards, so they meet late
             todo += [i for i, ident in reversed(list(enumerate(ids)))
@@ -434,15 +525,22 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
             ref = None
             if todo:  # every shard needs the original's samples: those that start together split its batches
                 ref = part.get_tensor("original")
+                if ref is None and store is not None:
+                    ref = store.get_tensor("original")
+                    if ref is not None:
+                        part.put_tensor("original", ref)
                 if ref is None:
                     t0 = time.perf_counter()
                     ref = sample_all(model, None, ids[0], done=gone)
                     log(f"original: {cfg.n} samples in {time.perf_counter() - t0:.0f} s")
                     part.put_tensor("original", ref)  # its batches stay until the table is written: another
                     # shard may still be reading them
+                    if store is not None:
+                        store.put_tensor("original", ref)
             if 0 in todo and part.get("row", ids[0]) is None:
                 row = {"method": ids[0][0], "family": "original", "macs_fraction": 1.0, "learning_s": None,
                        **score(ref, ids[0]), "psnr": None, "ssim": None, "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                keep(0, row)
                 part.put("row", ids[0], row)
                 log(str(row))
             from tqdm.auto import tqdm
@@ -461,16 +559,11 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
                                       done=lambda i=i: part.get("row", ids[i]) is not None or gone())
                 except _RowStored:
                     continue
-                f = frac(m["mask"])
-                row = {"method": m["method"], "family": m["family"], "macs_fraction": f,
-                       "learning_s": m.get("learning_s"), "learned_afresh": m.get("learned_afresh"),
-                       "target": m.get("target"), "mask_file": m.get("file"),
-                       **{k: m[k] for k in ("best_for", "selection_psnr", "settings") if k in m},
-                       **score(imgs, ids[i]), **fidelity(imgs, ref), "sampled_by": f"{cfg.shard}/{cfg.shards}"}
+                row = method_row(i, {**score(imgs, ids[i]), **fidelity(imgs, ref),
+                                     "sampled_by": f"{cfg.shard}/{cfg.shards}"})
                 part.put_tensor(f"psnr-{_digest(ids[i])}", psnr_per_sample(imgs, ref))
-                if m.get("file") is None:
-                    m["mask"].save(os.path.join(cfg.out, "masks", f"{name}_{_slug(m['method'])}.json"))
-                    row["mask_file"] = f"masks/{name}_{_slug(m['method'])}.json"
+                save_mask(i, row)
+                keep(i, row)
                 part.put("row", ids[i], row)
                 drop_batches(ids[i])
                 log(f"{row} ({time.perf_counter() - t0:.0f} s)")
@@ -767,6 +860,10 @@ class _Partial:
             pass
 
 
+# a row's figures that its samples decide (MACs are counted afresh by every run: ROW_CODE_EXEMPT)
+ROW_FIGURES = ("fd", "kid", "kid_std", "class_accuracy", "psnr", "ssim", "sampled_by")
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -857,11 +954,20 @@ def _plots(res: dict, mask: Any, out: str, name: str) -> list[str]:
 
 def _shards_note(rows: list[dict], threads: int) -> str:
     """How the rows were sampled, when more than one process (``--shard K/N``) drew them."""
-    shards = sorted({r["sampled_by"] for r in rows if r.get("sampled_by")})
-    if all(s.endswith("/1") for s in shards):
-        return ""
-    return (f"Samples drawn by {len(shards)} processes at {_threads(threads)} each (`--shard` "
-            f"{', '.join(shards)}), resumed from their stored rows. ")
+    shards = sorted({r["sampled_by"] for r in rows if r.get("sampled_by") and r["sampled_by"] != "row store"})
+    note = "" if all(s.endswith("/1") for s in shards) else (
+        f"Samples drawn by {len(shards)} processes at {_threads(threads)} each (`--shard` "
+        f"{', '.join(shards)}), resumed from their stored rows. ")
+    stored = [r for r in rows if r.get("sampled_by") == "row store"]
+    if stored:
+        codes = sorted({r["stored"]["code_version"] for r in stored})
+        dates = sorted(r["stored"]["date"][:10] for r in stored)
+        note += (f"{len(stored)} of {len(rows)} rows ({', '.join(r['method'] for r in stored)}) come from the row "
+                 f"store (`<out>/rows/`): samples of the same mask bits, weights and settings drawn by an earlier run "
+                 f"({dates[0]}{' to ' + dates[-1] if dates[-1] != dates[0] else ''}, code {', '.join(codes)}) "
+                 f"whose sampling and scoring code (`maskc.bench.row_version`, "
+                 f"{stored[0]['stored']['row_version']}) is this run's; their MACs are counted anew. ")
+    return note
 
 
 def _threads(k: int) -> str:

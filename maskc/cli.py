@@ -540,7 +540,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
         fora=tuple(args.fora), random=not args.no_random, ablations=args.ablations, guidance_scale=args.guidance_scale,
         time_batch=args.time_batch, time_reps=args.time_reps, memory=not args.no_memory, threads=args.threads,
         time_threads=args.time_threads, phase=args.phase,
-        seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn,
+        seed=args.seed, out=args.out, name=args.name, reuse_masks=not args.relearn, row_store=not args.no_row_store,
         shard=args.shard[0], shards=args.shard[1], help_shards=not args.own_shard_only))
     return 0
 
@@ -712,6 +712,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results", help="folder of the result tables, plots and masks")
     b.add_argument("--name", default="", help="result file name (default: derived from the model and steps)")
     b.add_argument("--relearn", action="store_true", help="learn again even if a matching mask is in <out>/masks")
+    b.add_argument("--no-row-store", action="store_true",
+                   help="sample every row again, even one that <out>/rows holds for a mask of the same bits, weights, "
+                        "settings and sampling code (and keep none)")
     b.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                    help="sample methods K, K+N, ... first (the original is method 0), then help with the other "
                         "shards' unfinished methods from the last backwards; finished rows and batches are kept under "

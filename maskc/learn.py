@@ -29,7 +29,7 @@
    projected mask and with the best schedules of every peer family
    (``maskc.schedules.peer_library``) fitted into the budget; see ``maskc.refine``.
    ``refine="none"`` returns phase 3's mask (the ablation). With
-   ``LearnConfig.search_restarts`` = R > 1 the search runs R times from the same
+   ``LearnConfig.search_restarts`` = R > 1 (default 3) the search runs R times from the same
    seeds, restart r on its own calibration noises and random stream (those of seed + r;
    restart 0 is the single search), and ``select_restart`` keeps the result whose
    final samples score best on ``select_batch`` selection noises that no restart saw
@@ -98,8 +98,8 @@ class LearnConfig:
     # (plain PSNR, whose 120 dB for a bit-identical sample can decide alone; the ablation).
     search_score: str = "saturating"
     # Phase 4 restarts: searches on their own calibration noises and random streams (seed + r), the best on
-    # select_batch other noises kept; 1: the single search (module docstring).
-    search_restarts: int = 1
+    # select_batch other noises kept (benchmarks/results/search_restarts.md); 1: the single search.
+    search_restarts: int = 3
     select_batch: int = 32  # selection noises of the restarts (unused with one search)
     below: float = 0.03  # the budget window is [target - below, target + above]
     above: float = 0.01
@@ -475,7 +475,7 @@ def selection_seed(seed: int) -> int:
 
 
 def noise_rollout(prob: Problem, shape: Sequence[int], n: int, generator_seed: int, cond: Callable | None,
-                  uncond: Callable | None, seed: int) -> Rollout:
+                  uncond: Callable | None, seed: int, keep_states: bool = True) -> Rollout:
     """A ``Rollout`` of n noises drawn (conditioning first, then noise) from ``generator_seed``, split over
     torchrun processes: each holds its share, and the PSNRs are summed over processes."""
     rank, world = _dist_rank_world()
@@ -488,7 +488,7 @@ def noise_rollout(prob: Problem, shape: Sequence[int], n: int, generator_seed: i
         noise = noise[idx]
         call_kw = _take(call_kw, idx, n, prob.guidance_scale is not None)
     return Rollout(prob.model, prob.names, prob.scheduler, noise, call_kw, prob.guidance_scale, prob.tkw,
-                   seed=seed, world=(world, n))
+                   seed=seed, world=(world, n), keep_states=keep_states)
 
 
 def learned_rows(scores: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -551,7 +551,8 @@ def select_restart(prob: Problem, cfg: LearnConfig, results: Sequence[RefineResu
                    cond: Callable | None, uncond: Callable | None, seed: int) -> tuple[int, list[float]]:
     """(index of the kept result, every result's selection score): ``Rollout.score`` of each restart's mask on
     ``select_batch`` noises from ``selection_seed(seed)``; ties go to the earlier restart."""
-    roll = noise_rollout(prob, shape, cfg.select_batch, selection_seed(seed), cond, uncond, seed)
+    # the restarts' masks differ from the first steps on: keeping every step's state would only cost memory
+    roll = noise_rollout(prob, shape, cfg.select_batch, selection_seed(seed), cond, uncond, seed, keep_states=False)
     sel = [roll.score(r.bits) for r in results]
     return max(range(len(sel)), key=lambda k: (sel[k], -k)), sel
 

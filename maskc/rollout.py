@@ -12,7 +12,8 @@ Two measurements that mask learning needs many times, made cheap:
   a mask, by the captured step graphs (skipped blocks are not run; a skipped block
   reads its latest computed output, which is what the runtime's cache holds).
   The state before every step of the last accepted mask (sample, cache, scheduler) is
-  kept, so a candidate that first differs from it at step d is run from d only.
+  kept, so a candidate that first differs from it at step d is run from d only
+  (``keep_states=False``: only the first, and every mask runs from step 0).
   Invariant: ``psnr(bits)`` is the mean PSNR, over the calibration samples, of the
   final samples in [0, 1] against the unmasked generation from the same noises;
   ``score(bits)`` is the same mean with ``MSE_FLOOR`` added to each MSE (the search's
@@ -113,7 +114,7 @@ class Rollout:
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str], scheduler: Any, noise: torch.Tensor,
                  call_kw: dict, guidance_scale: float | None, timestep_kw: str, seed: int = 0,
-                 world: tuple[int, int] | None = None) -> None:
+                 world: tuple[int, int] | None = None, keep_states: bool = True) -> None:
         self.names = list(names)
         self.scheduler = copy.deepcopy(scheduler)
         self.timesteps = list(self.scheduler.timesteps)
@@ -123,6 +124,9 @@ class Rollout:
         self.tkw = timestep_kw
         self.seed = seed
         self.world = world  # (processes, samples in all): this process holds a share; psnr sums over processes
+        # False: keep only the first step's state, so every mask runs from step 0 (a state per step holds
+        # every block's output: memory that a rollout scoring a few unrelated masks does not need)
+        self.keep_states = keep_states
         self._gen_kw = "generator" in inspect.signature(self.scheduler.step).parameters
         xin = torch.cat([noise, noise]) if guidance_scale is not None else noise
         tt = torch.as_tensor(self.timesteps[0], device=noise.device).reshape(1).expand(xin.shape[0])
@@ -146,7 +150,7 @@ class Rollout:
 
     def _run(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
         d = 0
-        if self._bits is not None:
+        if self._bits is not None and self.keep_states:
             diff = (bits != self._bits).any(dim=1).nonzero()
             d = int(diff[0]) if len(diff) else self.T
         x, cache, sched = self._states[d]
@@ -159,7 +163,8 @@ class Rollout:
                 kw = {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i)} if self._gen_kw else {}
                 x = sched.step(eps, t, x, **kw).prev_sample
                 self.evaluations += 1
-                states.append((x, dict(cache), copy.deepcopy(sched)))
+                if self.keep_states:
+                    states.append((x, dict(cache), copy.deepcopy(sched)))
         self._pending = (bits.clone(), states)
         if commit:
             self.accept()

@@ -190,11 +190,12 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     assert first["incomplete"] and first["done"] == (n_rows + 1) // 2
     assert first["missing"] == [r["method"] for r in whole["rows"][1::2]]
     assert not (sharded / "bench_unet_ddim3.md").exists()
-    # another code version keeps its rows apart: nothing of shard 0 is reused (it learns its own mask,
-    # so the stored one is put back afterwards)
+    # another code version keeps its partial folder apart: nothing of shard 0 is reused (it learns its own mask, so
+    # the stored one is put back afterwards; without the row store, which would serve shard 0's rows by their bits)
     learned = {f: f.read_bytes() for f in (sharded / "masks").glob("*_learned_*")}
     monkeypatch.setattr(maskc.bench, "code_version", lambda: "edited-code")
-    other = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2, help_shards=False), log=lambda s: None)
+    other = run_bench(BenchConfig(**kw, out=str(sharded), shard=1, shards=2, help_shards=False, row_store=False),
+                      log=lambda s: None)
     assert other["incomplete"] and other["missing"][0] == "original (full model)"
     monkeypatch.undo()
     for f, b in learned.items():
@@ -602,23 +603,75 @@ def _maskc_imports(path: str) -> set[str]:
     return out
 
 
-def test_code_version_covers_what_learning_runs() -> None:
-    """Every maskc module that learn.py reaches is hashed into the key of stored masks (or exempt, with a reason):
-    a change to one that is not would let `maskc bench` reuse masks the new code would not learn."""
+def _walk_imports(roots: list[str], covered: set[str], exempt: dict[str, str], hasher: str) -> set[str]:
+    """The maskc modules reached from ``roots`` through imports (not walking into the package, passes/,
+    models/ or an exempt module); fails on one neither ``covered`` nor ``exempt``."""
     import importlib
 
-    from maskc.bench import MASK_CODE, MASK_CODE_EXEMPT
-
-    covered = set(MASK_CODE) | {"passes"}
-    seen, todo = set(), ["learn"]
+    seen, todo = set(), list(roots)
     while todo:
         m = todo.pop()
-        if m in seen or m in ("__init__", "passes") or m in MASK_CODE_EXEMPT:  # the package: re-exports only
+        if m in seen or m in ("__init__", "passes", "models") or m in exempt:  # the package: re-exports only
             continue
         seen.add(m)
         reached = _maskc_imports(importlib.import_module(f"maskc.{m}").__file__)
-        missing = reached - covered - set(MASK_CODE_EXEMPT)
-        assert not missing, f"maskc.{m} imports {sorted(missing)}, which code_version does not hash"
+        missing = reached - covered - set(exempt)
+        assert not missing, f"maskc.{m} imports {sorted(missing)}, which {hasher} does not hash"
         todo.extend(reached)
+    return seen
+
+
+def test_code_version_covers_what_learning_runs() -> None:
+    """Every maskc module that learn.py reaches is hashed into the key of stored masks (or exempt, with a reason):
+    a change to one that is not would let `maskc bench` reuse masks the new code would not learn."""
+    from maskc.bench import MASK_CODE, MASK_CODE_EXEMPT
+
+    seen = _walk_imports(["learn"], set(MASK_CODE) | {"passes"}, MASK_CODE_EXEMPT, "code_version")
     assert {"refine", "rollout", "schedules", "runtime"} <= seen
     assert not set(MASK_CODE) & set(MASK_CODE_EXEMPT)
+
+
+def test_row_version_covers_what_sampling_and_scoring_run() -> None:
+    """Every maskc module that the compiled runtime, sampling and scoring import is hashed by row_version or
+    exempt with a reason: a change to one that is not would let the row store serve rows the new code would not
+    sample or score so."""
+    from maskc.bench import ROW_CODE, ROW_CODE_EXEMPT
+
+    seen = _walk_imports(["runtime", "sampling", "eval", "data", "mask", "graphs"],
+                         set(ROW_CODE) | {"passes", "models"}, ROW_CODE_EXEMPT, "row_version")
+    assert {"runtime", "eval", "cudagraphs"} <= seen
+    assert not set(ROW_CODE) & set(ROW_CODE_EXEMPT)
+    assert "learn" not in ROW_CODE and "refine" not in ROW_CODE  # learning changes keep the rows
+
+
+@pytest.mark.slow
+def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monkeypatch) -> None:
+    """A run whose learning code changed learns its mask again (the same bits) but samples nothing: every row
+    comes from the row store with the first run's figures, intervals included; once the sampling code changes,
+    every row is sampled again."""
+    import maskc.sampling
+
+    kw = dict(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", threads=1,
+              out=str(tmp_path), phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4,
+                                                                "search_batch": 2, "select_batch": 2})
+    first = run_bench(BenchConfig(**kw), log=lambda s: None)
+    assert not any(r["sampled_by"] == "row store" for r in first["rows"])
+    calls: list[int] = []
+    real = maskc.sampling.generate
+    monkeypatch.setattr(maskc.sampling, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(maskc.bench, "code_version", lambda: "edited-learning")
+    logs: list[str] = []
+    second = run_bench(BenchConfig(**kw, name="second"), log=logs.append)
+    assert second["rows"][1]["learned_afresh"] is True and any("code changed" in s for s in logs)
+    assert not calls and all(r["sampled_by"] == "row store" for r in second["rows"])
+    keys = ("fd", "kid", "psnr", "ssim", "macs_fraction", "fd_ci", "fd_ratio_ci", "fd_to_original",
+            "fd_to_original_ci", "versus")
+    for a, b in zip(first["rows"], second["rows"]):
+        assert a["method"] == b["method"] and {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+    assert "come from the row store" in (tmp_path / "second.md").read_text()
+    monkeypatch.setattr(maskc.bench, "row_version", lambda: "edited-sampling")
+    third = run_bench(BenchConfig(**kw, name="third"), log=lambda s: None)
+    assert calls and not any(r["sampled_by"] == "row store" for r in third["rows"])
+    for a, b in zip(first["rows"], third["rows"]):  # the code did not really change: the same figures
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}

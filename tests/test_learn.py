@@ -72,8 +72,8 @@ def test_search_restarts_keep_the_best_on_selection_noises() -> None:
     """Restart 0 is the single search; each restart searches its own calibration noises within the budget
     window; the kept one has the highest selection score (ties to the earlier) and is the returned mask."""
     m = small_unet()
-    one = _learn(m, target=0.7)
-    three = _learn(m, target=0.7, search_restarts=3, select_batch=3)
+    one = _learn(m, target=0.7, search_restarts=1)
+    three = _learn(m, target=0.7, select_batch=3)  # the default: three restarts
     s1, s3 = one.meta["provenance"]["search"], three.meta["provenance"]["search"]
     assert "restarts" not in s1
     rs = s3["restarts"]
