@@ -92,7 +92,8 @@ def row_version() -> str:
 
 
 def weights_version(folder: str) -> str:
-    """A hash of a model folder's weights and config (``*.safetensors``, ``*.json`` but masks and records)."""
+    """A hash of a model folder's weights and config: its ``*.safetensors``, ``config.json`` and ``stats.json``
+    (not its masks, model card or training record)."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
                    if f.endswith(".safetensors") or f == "config.json" or f == "stats.json")
     return _hash_files(files)
