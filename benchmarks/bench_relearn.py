@@ -86,6 +86,14 @@ def part_path(j: dict) -> str:
     return os.path.join(PARTS, f"{j['table']}_{j['target']:g}.json")
 
 
+def write_part(path: str, r: dict) -> None:
+    """A finished job's JSON, written whole or not at all (a killed job leaves no part to trust)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(r, f, indent=1)
+    os.replace(tmp, path)
+
+
 def stored_mask(j: dict, rev: str | None) -> maskc.Mask:
     """j's stored mask: the file, or as committed at git revision ``rev`` (a bench run rewrites the file)."""
     if rev is None:
@@ -267,10 +275,7 @@ def main() -> None:
             continue
         print(f"{j['table']} {j['target']:g} ...", flush=True)
         r = run_job(j, a.n, a.noise_seed, a.rev)
-        tmp = part_path(j) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f, indent=1)
-        os.replace(tmp, part_path(j))
+        write_part(part_path(j), r)
         print(f"  same={r['same_bits']} {r['seconds']} s" +
               ("" if r["same_bits"] else f" margin {r['margin']:+.2f} {r['margin_ci']}"), flush=True)
 

@@ -55,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 PARTS = os.path.join(RESULTS, "search_restarts")
 sys.path.insert(0, HERE)
-from bench_relearn import eval_cost, fresh_mse, jobs, stored_mask  # noqa: E402
+from bench_relearn import eval_cost, fresh_mse, jobs, stored_mask, write_part  # noqa: E402
 from bench_search_score import plain_psnr  # noqa: E402
 
 VARIANTS = [("stream 0", 0, 0), ("stream 1", 0, 1), ("stream 2", 0, 2), ("noises 1", 1, 1), ("noises 2", 2, 2)]
@@ -291,8 +291,7 @@ def main() -> None:
         table, target = a.check_learn.split(":")
         j = next(j for j in jobs([table]) if j["target"] == float(target))
         r = check_learn(j, a.restarts, a.n, a.rev or None)
-        with open(os.path.join(PARTS, f"learn_{table}_{float(target):g}.json"), "w") as f:
-            json.dump(r, f, indent=1)
+        write_part(os.path.join(PARTS, f"learn_{table}_{float(target):g}.json"), r)
         print(f"{a.check_learn}: restarts {a.restarts}, kept {r['kept_restart']}, {r['learning_s']:.0f} s, "
               f"{r['over_stored']:+.2f} {r['over_stored_ci']} over the stored mask", flush=True)
         return
@@ -304,10 +303,7 @@ def main() -> None:
         j = next(j for j in jobs([table]) if j["target"] == float(target))
         print(f"{spec} ...", flush=True)
         r = run_job(j, a.n, a.n_select, a.rev or None)
-        tmp = part_path(spec) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f, indent=1)
-        os.replace(tmp, part_path(spec))
+        write_part(part_path(spec), r)
         print(f"  reproduces stored: {r['reproduces_stored']}; " +
               "; ".join(f"{x['rule']}: {x['over_stream0']:+.2f}" for x in r["rules"]), flush=True)
 

@@ -272,8 +272,9 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
     from maskc.eval import EVAL_DIR
 
     # rows by mask bits, kept across runs: everything that decides a row from the bits, and nothing of learning
+    row_code = row_version()
     store = _Partial(os.path.join(cfg.out, "rows", stem),
-                     {"row_code": row_version(), "model": weights_version(path), "scorer": [
+                     {"row_code": row_code, "model": weights_version(path), "scorer": [
                          weights_version(classifier_dir), weights_version(EVAL_DIR)], "sampler": cfg.sampler,
                       "steps": T, "n": cfg.n, "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads,
                       "guidance_scale": guidance}) if cfg.row_store else None
@@ -486,7 +487,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
                 store.put_tensor(f"psnr-{_digest(sid)}", part.get_tensor(f"psnr-{_digest(ids[i])}"))
             store.put("row", sid, {**{k: row[k] for k in ROW_FIGURES if k in row},
                                    "stored": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                       timespec="seconds"), "code_version": version, "row_version": row_version()}})
+                                       timespec="seconds"), "code_version": version, "row_version": row_code}})
 
         def from_store(i: int) -> bool:
             """Row i from the row store into this run's partial folder, if a run sampled a mask of its bits."""
@@ -511,7 +512,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
         reused = [i for i, ident in enumerate(ids) if part.get("row", ident) is None and from_store(i)]
         if reused:
             log(f"{len(reused)} of {len(ids)} rows from the row store ({store.dir}): masks of the same bits, "
-                f"sampled and scored by the same code (row version {row_version()})")
+                f"sampled and scored by the same code (row version {row_code})")
         todo = [i for i, ident in enumerate(ids) if i % cfg.shards == cfg.shard and part.get("row", ident) is None]
         if cfg.help_shards:  # then the others' from the last backwards: the owners go forwards, so they meet late
             todo += [i for i, ident in reversed(list(enumerate(ids)))

@@ -291,7 +291,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "the budget step takes the first prefix that reaches the target, not the closest: masks overshoot",
            (PHASES + "::test_project_budget_is_the_closest_prefix",)),
     Mutant("row-store-ignores-sampling-code", "maskc/bench.py",
-           '''{"row_code": row_version(), "model": weights_version(path),''',
+           '''{"row_code": row_code, "model": weights_version(path),''',
            '''{"model": weights_version(path),''',
            "maskc bench serves stored rows after the sampling or scoring code changed: tables mix two codes",
            ("tests/test_bench.py::test_row_store_serves_rows_of_the_same_bits_and_sampling_code",)),
