@@ -99,6 +99,16 @@ def weights_version(folder: str) -> str:
     return _hash_files(files)
 
 
+def run_key(cfg: "BenchConfig", path: str, version: str, guidance: float | None) -> dict[str, Any]:
+    """What decides a quality run's pieces under ``<out>/partial/<name>/``: the model folder by content
+    (``weights_version``), not by where it lies, so a partial folder committed from one checkout resumes in
+    another; the code version; and every setting that changes a sample or a peer."""
+    return {"code": version, "model": weights_version(path), "sampler": cfg.sampler, "steps": cfg.steps, "n": cfg.n,
+            "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads, "guidance_scale": guidance,
+            "select_n": cfg.select_n, "targets": list(cfg.targets), "ablations": cfg.ablations,
+            "peers": cfg.peers, "random": cfg.random, "learn_kwargs": cfg.learn_kwargs}
+
+
 def code_version() -> str:
     """A hash of the code that decides learned masks and their cost: ``passes/`` and ``MASK_CODE``.
 
@@ -263,11 +273,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
     os.makedirs(os.path.join(cfg.out, "masks"), exist_ok=True)
     json_path = os.path.join(cfg.out, f"{name}.json")
 
-    part = _Partial(os.path.join(cfg.out, "partial", name),
-                    {"code": version, "model": os.path.abspath(path), "sampler": cfg.sampler, "steps": T, "n": cfg.n,
-                     "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads, "guidance_scale": guidance,
-                     "select_n": cfg.select_n, "targets": list(cfg.targets), "ablations": cfg.ablations,
-                     "peers": cfg.peers, "random": cfg.random, "learn_kwargs": cfg.learn_kwargs})
+    part = _Partial(os.path.join(cfg.out, "partial", name), run_key(cfg, path, version, guidance))
     from maskc.models.classifier import WEIGHTS as classifier_dir
     from maskc.eval import EVAL_DIR
 

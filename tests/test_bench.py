@@ -675,3 +675,22 @@ def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monk
     assert calls and not any(r["sampled_by"] == "row store" for r in third["rows"])
     for a, b in zip(first["rows"], third["rows"]):  # the code did not really change: the same figures
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+def test_a_partial_folder_is_keyed_by_the_models_content_not_its_path(tmp_path) -> None:
+    """A partial folder committed from one checkout resumes in another (the model folder at another path), and
+    a model whose weights or config changed never resumes one."""
+    import shutil
+
+    from maskc.models.shipped import shipped_dir
+
+    here, there = tmp_path / "checkout-a" / "fmnist-unet", tmp_path / "checkout-b" / "fmnist-unet"
+    shutil.copytree(shipped_dir("unet"), here)
+    shutil.copytree(shipped_dir("unet"), there)
+    cfg = BenchConfig(model=str(here))
+    key = maskc.bench.run_key(cfg, str(here), "code", None)
+    assert maskc.bench.run_key(cfg, str(there), "code", None) == key
+    config = json.loads((there / "config.json").read_text())
+    (there / "config.json").write_text(json.dumps({**config, "norm_eps": 1e-6}))
+    assert maskc.bench.run_key(cfg, str(there), "code", None) != key
+    assert maskc.bench.run_key(cfg, str(here), "other code", None) != key
