@@ -99,6 +99,10 @@ def weights_version(folder: str) -> str:
     return _hash_files(files)
 
 
+# the fields of run_key that decide a sampled row: with the sampling code and the scorer, the row store's key
+ROW_KEY = ("model", "sampler", "steps", "n", "batch", "seed", "threads", "guidance_scale")
+
+
 def run_key(cfg: "BenchConfig", path: str, version: str, guidance: float | None) -> dict[str, Any]:
     """What decides a quality run's pieces under ``<out>/partial/<name>/``: the model folder by content
     (``weights_version``), not by where it lies, so a partial folder committed from one checkout resumes in
@@ -280,10 +284,8 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
     # rows by mask bits, kept across runs: everything that decides a row from the bits, and nothing of learning
     row_code = row_version()
     store = _Partial(os.path.join(cfg.out, "rows", stem),
-                     {"row_code": row_code, "model": weights_version(path), "scorer": [
-                         weights_version(classifier_dir), weights_version(EVAL_DIR)], "sampler": cfg.sampler,
-                      "steps": T, "n": cfg.n, "batch": cfg.batch, "seed": cfg.seed, "threads": cfg.threads,
-                      "guidance_scale": guidance}) if cfg.row_store else None
+                     {"row_code": row_code, **{k: part.key[k] for k in ROW_KEY}, "scorer": [
+                         weights_version(classifier_dir), weights_version(EVAL_DIR)]}) if cfg.row_store else None
 
     def kwargs_for(labels: torch.Tensor | None) -> dict:
         if labels is None:
@@ -795,6 +797,7 @@ class _Partial:
 
     def __init__(self, folder: str, key: dict[str, Any]) -> None:
         self.root = folder
+        self.key = key
         self.dir = os.path.join(folder, _digest(key))
         self.create = True  # writes make the folder; False: a write into a removed folder raises FileNotFoundError
 
