@@ -86,9 +86,16 @@ def row_version() -> str:
     import importlib
 
     paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in ROW_CODE]
-    dirs = [os.path.dirname(importlib.import_module(p).__file__) for p in ("maskc.passes", "maskc.models")]
-    files = sorted(os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.endswith(".py"))
-    return _hash_files(files + paths)
+    dirs = {p: os.path.dirname(importlib.import_module(f"maskc.{p}").__file__) for p in ("passes", "models")}
+    return _hash_files(_package_files(dirs) + paths)
+
+
+def _package_files(dirs: dict[str, str]) -> list[str]:
+    """The ``.py`` files of each subpackage folder, in the order of their package-relative names
+    (``models/x.py`` before ``passes/y.py``), not of their absolute paths: an editable install that maps
+    ``maskc.passes`` to another checkout than ``maskc`` hashes the same code to the same version."""
+    named = [(f"{sub}/{f}", os.path.join(d, f)) for sub, d in dirs.items() for f in os.listdir(d) if f.endswith(".py")]
+    return [path for _, path in sorted(named)]
 
 
 def weights_version(folder: str) -> str:

@@ -644,6 +644,29 @@ def test_row_version_covers_what_sampling_and_scoring_run() -> None:
     assert "learn" not in ROW_CODE and "refine" not in ROW_CODE  # learning changes keep the rows
 
 
+def test_row_version_does_not_depend_on_where_the_subpackages_lie(tmp_path, monkeypatch) -> None:
+    """The same code hashes to the same row version wherever ``maskc.passes`` and ``maskc.models`` resolve (an
+    editable install can map ``maskc.passes`` to another checkout than ``maskc``): the row store is keyed by code,
+    not by the order of absolute paths."""
+    import shutil
+
+    import maskc.models
+    import maskc.passes
+
+    real = maskc.bench.row_version()
+    versions = []
+    for models_at, passes_at in (("a", "b"), ("b", "a")):  # models' folder first, then passes' first by path
+        for mod, at in ((maskc.models, models_at), (maskc.passes, passes_at)):
+            src = pathlib.Path(mod.__file__).parent
+            dst = tmp_path / f"{models_at}{passes_at}" / at / src.name
+            dst.mkdir(parents=True)
+            for f in src.glob("*.py"):
+                shutil.copy(f, dst / f.name)
+            monkeypatch.setattr(mod, "__file__", str(dst / "__init__.py"))
+        versions.append(maskc.bench.row_version())
+    assert versions == [real, real]
+
+
 @pytest.mark.slow
 def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monkeypatch) -> None:
     """A run whose learning code changed learns its mask again (the same bits) but samples nothing: every row
