@@ -83,19 +83,22 @@ def _hash_files(paths: list[str]) -> str:
 def row_version() -> str:
     """A hash of the code that turns a mask's bits into a table's row: ``passes/``, ``maskc/models/`` and
     ``ROW_CODE`` (not learning: a change to learn.py keeps the rows of the masks it learns again bit for bit)."""
+    return _hash_files(_code_files(("passes", "models"), ROW_CODE))
+
+
+def _code_files(subpackages: tuple[str, ...], modules: tuple[str, ...]) -> list[str]:
+    """The ``.py`` files of the ``maskc`` subpackages, in the order of their package-relative names
+    (``models/x.py`` before ``passes/y.py``), not of their absolute paths (an editable install that maps
+    ``maskc.passes`` to another checkout than ``maskc`` hashes the same code to the same version), then the
+    files of ``modules`` in their given order."""
     import importlib
 
-    paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in ROW_CODE]
-    dirs = {p: os.path.dirname(importlib.import_module(f"maskc.{p}").__file__) for p in ("passes", "models")}
-    return _hash_files(_package_files(dirs) + paths)
+    def where(m: str) -> str:  # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
+        return importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__
 
-
-def _package_files(dirs: dict[str, str]) -> list[str]:
-    """The ``.py`` files of each subpackage folder, in the order of their package-relative names
-    (``models/x.py`` before ``passes/y.py``), not of their absolute paths: an editable install that maps
-    ``maskc.passes`` to another checkout than ``maskc`` hashes the same code to the same version."""
+    dirs = {sub: os.path.dirname(where(sub)) for sub in subpackages}
     named = [(f"{sub}/{f}", os.path.join(d, f)) for sub, d in dirs.items() for f in os.listdir(d) if f.endswith(".py")]
-    return [path for _, path in sorted(named)]
+    return [path for _, path in sorted(named)] + [where(m) for m in modules]
 
 
 def weights_version(folder: str) -> str:
@@ -127,13 +130,7 @@ def code_version() -> str:
     to the compiler learns afresh, and recorded in every result so that ``--phase time``
     refuses quality figures made by other code.
     """
-    import importlib
-
-    # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
-    paths = [importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__ for m in MASK_CODE]
-    pdir = os.path.dirname(importlib.import_module("maskc.passes").__file__)
-    files = sorted(os.path.join(pdir, f) for f in os.listdir(pdir) if f.endswith(".py"))
-    return _hash_files(files + paths)
+    return _hash_files(_code_files(("passes",), MASK_CODE))
 
 
 @dataclass
