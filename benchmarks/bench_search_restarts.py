@@ -172,6 +172,12 @@ def check_learn(j: dict, restarts: int, n: int, rev: str | None) -> dict:
     mask = bm.learn(j["sampler"], j["steps"], j["target"], j["seed"], **{**j["learn_kwargs"],
                                                                           "search_restarts": restarts})
     secs = time.perf_counter() - t0
+    # Kept with the key maskc bench gives its masks, so copied into results/masks/ the table's command reuses it.
+    mask.meta["provenance"].update({"learning_seconds": secs, "bench_key": {
+        "target": j["target"], "steps": j["steps"], "seed": j["seed"], "guidance_scale": bm.guidance,
+        **j["learn_kwargs"], "code": code_version()}})
+    os.makedirs(os.path.join(PARTS, "masks"), exist_ok=True)
+    mask.save(os.path.join(PARTS, "masks", f"{j['table']}_learned_{j['target']:g}.json"))
     stored = stored_mask(j, rev)
     sched = SAMPLERS[j["sampler"]]()
     sched.set_timesteps(j["steps"])

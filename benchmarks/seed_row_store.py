@@ -1,0 +1,147 @@
+"""Seed ``maskc bench``'s row store from a partial folder committed in git history, where the rows' code is today's.
+
+``maskc bench`` keeps each sampled row in a row store (``benchmarks/results/rows/<table>/``, git-ignored) under
+its mask's bits, the code that turns bits into a row (``row_version``) and the settings that decide a sample,
+and a later run whose learning code changed reuses the rows of masks with the same bits instead of sampling
+them again. A fresh checkout has no store. While a table is made over several sessions, its partial folder
+(each finished row's figures, classifier features and per-sample PSNR) is committed; this script reads such a
+folder at git revision ``--rev`` and stores its rows as the bench would have, after checking that:
+
+- the files of ``row_version`` at ``--rev`` hash to today's ``row_version`` (the same sampling and scoring code);
+- the model's weights, the classifier and the evaluation statistics at ``--rev`` are today's;
+- the table's settings that decide a sample (``ROW_KEY``: sampler, steps, n, batch, seed, threads, guidance),
+  read from the table JSON at ``--table-rev`` (the commit that wrote the table from that folder), are the ones
+  given here, which the run to be resumed uses;
+- each row's file name is the digest of its method and the bits of the mask the table names for it (so the
+  bits the row is stored under are the bits it was sampled with).
+
+Rows that fail a check are skipped and named. Each stored row says where it came from (``stored.from_git``);
+the bench marks rows it takes from the store ``sampled_by: row store``.
+
+Usage: python benchmarks/seed_row_store.py --table bench_sd_ddim20 --rev 83276ab --table-rev 0851cc6
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+import maskc
+from maskc.bench import (ROW_CODE, ROW_FIGURES, ROW_KEY, BenchConfig, _bits_digest, _digest, _Partial, bench_model,
+                         row_version, run_key, weights_version)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def git(*args: str) -> bytes:
+    return subprocess.check_output(["git", *args], cwd=ROOT)
+
+
+def ls(rev: str, folder: str) -> list[str]:
+    return [p for p in git("ls-tree", "-r", "--name-only", rev, "--", folder).decode().splitlines() if p]
+
+
+def show(rev: str, path: str) -> bytes:
+    return git("show", f"{rev}:{path}")
+
+
+def row_version_at(rev: str) -> str:
+    """``row_version`` of the files at ``rev``: the same files, order and hash as ``maskc.bench.row_version``."""
+    named = [(f"{sub}/{os.path.basename(p)}", p) for sub, d in (("models", "maskc/models"), ("passes", "passes"))
+             for p in ls(rev, d) if os.path.dirname(p) == d and p.endswith(".py")]
+    h = hashlib.sha256()
+    for path in [p for _, p in sorted(named)] + [f"maskc/{m}.py" for m in ROW_CODE]:
+        h.update(os.path.basename(path).encode() + b"\0" + show(rev, path))
+    return h.hexdigest()[:12]
+
+
+def folder_version_at(rev: str, folder: str) -> str:
+    """``weights_version`` of a folder at ``rev``."""
+    files = sorted(p for p in ls(rev, folder) if os.path.dirname(p) == folder
+                   and (p.endswith(".safetensors") or os.path.basename(p) in ("config.json", "stats.json")))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.basename(path).encode() + b"\0" + show(rev, path))
+    return h.hexdigest()[:12]
+
+
+def tensor_at(rev: str, path: str) -> torch.Tensor:
+    return load_safetensors(show(rev, path))["x"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", required=True, help="the table's name, e.g. bench_sd_ddim20")
+    ap.add_argument("--rev", required=True, help="a commit whose partial/<table>/ folder holds the rows")
+    ap.add_argument("--table-rev", required=True, help="the commit that wrote <table>.json from those rows")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = ap.parse_args()
+    out_rel = os.path.relpath(a.out, ROOT)
+    table = json.loads(show(a.table_rev, f"{out_rel}/{a.table}.json"))
+    c = table["config"]
+    cfg = BenchConfig(**{k: v for k, v in c.items() if k in BenchConfig.__dataclass_fields__})
+    bm = bench_model(cfg.model, cfg.guidance_scale)
+    today = row_version()
+    then = row_version_at(a.rev)
+    if then != today:
+        raise SystemExit(f"row code at {a.rev} is {then}, today's is {today}: its rows would not be today's")
+    from maskc.eval import EVAL_DIR
+    from maskc.models.classifier import WEIGHTS as classifier_dir
+    for folder in (bm.path, classifier_dir, EVAL_DIR):
+        rel = os.path.relpath(folder, ROOT)
+        if folder_version_at(a.rev, rel) != weights_version(folder):
+            raise SystemExit(f"{rel} at {a.rev} differs from today's")
+    key = run_key(cfg, bm.path, "", bm.guidance)
+    store = _Partial(os.path.join(a.out, "rows", a.table),
+                     {"row_code": today, **{k: key[k] for k in ROW_KEY},
+                      "scorer": [weights_version(classifier_dir), weights_version(EVAL_DIR)]})
+    folders = {os.path.dirname(p) for p in ls(a.rev, f"{out_rel}/partial/{a.table}")}
+    if len(folders) != 1:
+        raise SystemExit(f"expected one partial folder of {a.table} at {a.rev}, found {sorted(folders)}")
+    part = folders.pop()
+    files = set(ls(a.rev, part))
+    stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "code_version": table["code_version"], "row_version": then, "from_git": f"{a.rev}:{part}"}
+    done, skipped = 0, []
+    for r in table["rows"]:
+        if r["family"] == "original":
+            ident, sid = (r["method"], None), "original"
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "mask.json"), "wb") as f:
+                    f.write(show(a.table_rev, f"{out_rel}/{r['mask_file']}"))
+                mask = maskc.Mask.load(os.path.join(tmp, "mask.json"))
+            ident, sid = (r["method"], _bits_digest(mask)), _bits_digest(mask)
+        d = _digest(ident)
+        need = [f"{part}/row-{d}.json", f"{part}/features-{d}.safetensors"]
+        need += [f"{part}/psnr-{d}.safetensors"] if sid != "original" else []
+        if not all(p in files for p in need):
+            skipped.append(f"{r['method']} (no row of its bits at {a.rev})")
+            continue
+        row = json.loads(show(a.rev, need[0]))
+        if any(row.get(k) != r.get(k) for k in ("fd", "psnr")):
+            skipped.append(f"{r['method']} (the folder's row differs from the table's)")
+            continue
+        if store.get("row", sid) is not None:
+            continue
+        store.put_tensor(f"features-{_digest(sid)}", tensor_at(a.rev, need[1]))
+        if sid != "original":
+            store.put_tensor(f"psnr-{_digest(sid)}", tensor_at(a.rev, need[2]))
+        elif f"{part}/original.safetensors" in files:
+            store.put_tensor("original", tensor_at(a.rev, f"{part}/original.safetensors"))
+        store.put("row", sid, {**{k: row[k] for k in ROW_FIGURES if k in row}, "stored": stamp})
+        done += 1
+    print(f"{done} rows stored in {store.dir} from {a.rev}:{part} (row code {then}, today's); skipped: "
+          + ("; ".join(skipped) or "none"))
+
+
+if __name__ == "__main__":
+    main()
