@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import maskc
-from maskc.bench import (ROW_CODE, ROW_FIGURES, ROW_KEY, BenchConfig, _bits_digest, _digest, _Partial, bench_model,
-                         row_version, run_key, weights_version)
+from maskc.bench import (ROW_CODE, ROW_FIGURES, BenchConfig, _bits_digest, _digest, bench_model, row_store, row_version,
+                         run_key, weights_version)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -99,10 +99,7 @@ def main() -> None:
         rel = os.path.relpath(folder, ROOT)
         if folder_version_at(a.rev, rel) != weights_version(folder):
             raise SystemExit(f"{rel} at {a.rev} differs from today's")
-    key = run_key(cfg, bm.path, "", bm.guidance)
-    store = _Partial(os.path.join(a.out, "rows", a.table),
-                     {"row_code": today, **{k: key[k] for k in ROW_KEY},
-                      "scorer": [weights_version(classifier_dir), weights_version(EVAL_DIR)]})
+    store = row_store(a.out, a.table, run_key(cfg, bm.path, "", bm.guidance), today)
     folders = {os.path.dirname(p) for p in ls(a.rev, f"{out_rel}/partial/{a.table}")}
     if len(folders) != 1:
         raise SystemExit(f"expected one partial folder of {a.table} at {a.rev}, found {sorted(folders)}")

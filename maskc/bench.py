@@ -123,6 +123,18 @@ def run_key(cfg: "BenchConfig", path: str, version: str, guidance: float | None)
             "peers": cfg.peers, "random": cfg.random, "learn_kwargs": cfg.learn_kwargs}
 
 
+def row_store(out: str, stem: str, key: dict[str, Any], row_code: str) -> "_Partial":
+    """The row store of table ``stem`` under ``out``: rows by mask bits, kept across runs, under a key of
+    everything that decides a row from the bits (``row_code``, ``key``'s ``ROW_KEY`` fields, the scorer's
+    weights) and nothing of learning."""
+    from maskc.eval import EVAL_DIR
+    from maskc.models.classifier import WEIGHTS as classifier_dir
+
+    return _Partial(os.path.join(out, "rows", stem), {"row_code": row_code, **{k: key[k] for k in ROW_KEY},
+                                                       "scorer": [weights_version(classifier_dir),
+                                                                  weights_version(EVAL_DIR)]})
+
+
 def code_version() -> str:
     """A hash of the code that decides learned masks and their cost: ``passes/`` and ``MASK_CODE``.
 
@@ -282,14 +294,8 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None], held: list[str]) ->
     json_path = os.path.join(cfg.out, f"{name}.json")
 
     part = _Partial(os.path.join(cfg.out, "partial", name), run_key(cfg, path, version, guidance))
-    from maskc.models.classifier import WEIGHTS as classifier_dir
-    from maskc.eval import EVAL_DIR
-
-    # rows by mask bits, kept across runs: everything that decides a row from the bits, and nothing of learning
     row_code = row_version()
-    store = _Partial(os.path.join(cfg.out, "rows", stem),
-                     {"row_code": row_code, **{k: part.key[k] for k in ROW_KEY}, "scorer": [
-                         weights_version(classifier_dir), weights_version(EVAL_DIR)]}) if cfg.row_store else None
+    store = row_store(cfg.out, stem, part.key, row_code) if cfg.row_store else None
 
     def kwargs_for(labels: torch.Tensor | None) -> dict:
         if labels is None:
