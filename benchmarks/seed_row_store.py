@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import subprocess
@@ -34,7 +33,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import maskc
-from maskc.bench import (ROW_CODE, ROW_FIGURES, BenchConfig, _bits_digest, _digest, bench_model, row_store, row_version,
+from maskc.bench import (ROW_FIGURES, BenchConfig, _bits_digest, _digest, bench_model, row_store, row_version,
                          run_key, weights_version)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,24 +52,12 @@ def show(rev: str, path: str) -> bytes:
     return git("show", f"{rev}:{path}")
 
 
-def row_version_at(rev: str) -> str:
-    """``row_version`` of the files at ``rev``: the same files, order and hash as ``maskc.bench.row_version``."""
-    named = [(f"{sub}/{os.path.basename(p)}", p) for sub, d in (("models", "maskc/models"), ("passes", "passes"))
-             for p in ls(rev, d) if os.path.dirname(p) == d and p.endswith(".py")]
-    h = hashlib.sha256()
-    for path in [p for _, p in sorted(named)] + [f"maskc/{m}.py" for m in ROW_CODE]:
-        h.update(os.path.basename(path).encode() + b"\0" + show(rev, path))
-    return h.hexdigest()[:12]
-
-
-def folder_version_at(rev: str, folder: str) -> str:
-    """``weights_version`` of a folder at ``rev``."""
-    files = sorted(p for p in ls(rev, folder) if os.path.dirname(p) == folder
-                   and (p.endswith(".safetensors") or os.path.basename(p) in ("config.json", "stats.json")))
-    h = hashlib.sha256()
-    for path in files:
-        h.update(os.path.basename(path).encode() + b"\0" + show(rev, path))
-    return h.hexdigest()[:12]
+def tree_at(rev: str, paths: list[str], dest: str) -> str:
+    """Extract ``paths`` of commit ``rev`` under ``dest`` (laid out as the repository) and return ``dest``, so
+    that ``row_version`` and ``weights_version`` hash an older commit's files with today's code."""
+    archive = git("archive", "--format=tar", rev, "--", *paths)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
 
 
 def tensor_at(rev: str, path: str) -> torch.Tensor:
@@ -89,16 +76,18 @@ def main() -> None:
     c = table["config"]
     cfg = BenchConfig(**{k: v for k, v in c.items() if k in BenchConfig.__dataclass_fields__})
     bm = bench_model(cfg.model, cfg.guidance_scale)
-    today = row_version()
-    then = row_version_at(a.rev)
-    if then != today:
-        raise SystemExit(f"row code at {a.rev} is {then}, today's is {today}: its rows would not be today's")
     from maskc.eval import EVAL_DIR
     from maskc.models.classifier import WEIGHTS as classifier_dir
-    for folder in (bm.path, classifier_dir, EVAL_DIR):
-        rel = os.path.relpath(folder, ROOT)
-        if folder_version_at(a.rev, rel) != weights_version(folder):
-            raise SystemExit(f"{rel} at {a.rev} differs from today's")
+    folders = [os.path.relpath(f, ROOT) for f in (bm.path, classifier_dir, EVAL_DIR)]
+    today = row_version()
+    with tempfile.TemporaryDirectory() as tmp:
+        then_root = tree_at(a.rev, ["maskc", "passes"], tmp)
+        then = row_version(then_root)
+        if then != today:
+            raise SystemExit(f"row code at {a.rev} is {then}, today's is {today}: its rows would not be today's")
+        for rel in folders:
+            if weights_version(os.path.join(then_root, rel)) != weights_version(os.path.join(ROOT, rel)):
+                raise SystemExit(f"{rel} at {a.rev} differs from today's")
     store = row_store(a.out, a.table, run_key(cfg, bm.path, "", bm.guidance), today)
     folders = {os.path.dirname(p) for p in ls(a.rev, f"{out_rel}/partial/{a.table}")}
     if len(folders) != 1:

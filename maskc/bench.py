@@ -80,20 +80,28 @@ def _hash_files(paths: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def row_version() -> str:
+def row_version(root: str | None = None) -> str:
     """A hash of the code that turns a mask's bits into a table's row: ``passes/``, ``maskc/models/`` and
-    ``ROW_CODE`` (not learning: a change to learn.py keeps the rows of the masks it learns again bit for bit)."""
-    return _hash_files(_code_files(("passes", "models"), ROW_CODE))
+    ``ROW_CODE`` (not learning: a change to learn.py keeps the rows of the masks it learns again bit for bit).
+    ``root``: a source tree laid out as the repository (e.g. an older commit's), instead of the imported code."""
+    return _hash_files(_code_files(("passes", "models"), ROW_CODE, root))
 
 
-def _code_files(subpackages: tuple[str, ...], modules: tuple[str, ...]) -> list[str]:
+# where each maskc package lies in a source tree (pyproject.toml's package-dir)
+SOURCE_DIRS = {"__init__": "maskc", "passes": "passes", "models": "maskc/models"}
+
+
+def _code_files(subpackages: tuple[str, ...], modules: tuple[str, ...], root: str | None = None) -> list[str]:
     """The ``.py`` files of the ``maskc`` subpackages, in the order of their package-relative names
     (``models/x.py`` before ``passes/y.py``), not of their absolute paths (an editable install that maps
     ``maskc.passes`` to another checkout than ``maskc`` hashes the same code to the same version), then the
-    files of ``modules`` in their given order."""
+    files of ``modules`` in their given order; from the imported package, or from the source tree ``root``."""
     import importlib
 
     def where(m: str) -> str:  # import_module: ``maskc.learn`` as an attribute is the function the package re-exports
+        if root is not None:
+            return os.path.join(root, SOURCE_DIRS[m], "__init__.py") if m in SOURCE_DIRS else \
+                os.path.join(root, "maskc", f"{m}.py")
         return importlib.import_module("maskc" if m == "__init__" else f"maskc.{m}").__file__
 
     dirs = {sub: os.path.dirname(where(sub)) for sub in subpackages}

@@ -295,6 +295,13 @@ MUTANTS: tuple[Mutant, ...] = (
            '''{**{k: key[k] for k in ROW_KEY},''',
            "maskc bench serves stored rows after the sampling or scoring code changed: tables mix two codes",
            ("tests/test_bench.py::test_row_store_serves_rows_of_the_same_bits_and_sampling_code",)),
+    Mutant("row-version-ignores-source-root", "maskc/bench.py",
+           '''        if root is not None:
+            return os.path.join(root, SOURCE_DIRS[m], "__init__.py")''',
+           '''        if False:
+            return os.path.join(root, SOURCE_DIRS[m], "__init__.py")''',
+           "seed_row_store.py hashes today's code for an older commit's: it seeds rows of other sampling code",
+           ("tests/test_bench.py::test_row_version_of_a_source_tree_is_the_imported_codes_and_follows_its_files",)),
     Mutant("row-store-unused", "maskc/bench.py",
            '''        reused = [i for i, ident in enumerate(ids) if part.get("row", ident) is None and from_store(i)]''',
            '''        reused = []''',

@@ -667,6 +667,24 @@ def test_row_version_does_not_depend_on_where_the_subpackages_lie(tmp_path, monk
     assert versions == [real, real]
 
 
+def test_row_version_of_a_source_tree_is_the_imported_codes_and_follows_its_files(tmp_path) -> None:
+    """``row_version(root)`` hashes a source tree laid out as the repository (how seed_row_store.py checks an older
+    commit's rows): a copy of today's tree hashes to today's version, and one changed row-code file changes it."""
+    import shutil
+
+    root = pathlib.Path(maskc.bench.__file__).parent.parent
+    for sub in ("maskc", "maskc/models", "passes"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        for f in (root / sub).glob("*.py"):
+            shutil.copy(f, tmp_path / sub / f.name)
+    assert maskc.bench.row_version(str(tmp_path)) == maskc.bench.row_version()
+    for changed in ("maskc/eval.py", "maskc/models/dit.py", "passes/rewrite.py"):
+        before = (tmp_path / changed).read_text()
+        (tmp_path / changed).write_text(before + "\n# changed\n")
+        assert maskc.bench.row_version(str(tmp_path)) != maskc.bench.row_version(), changed
+        (tmp_path / changed).write_text(before)
+
+
 @pytest.mark.slow
 def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monkeypatch) -> None:
     """A run whose learning code changed learns its mask again (the same bits) but samples nothing: every row
