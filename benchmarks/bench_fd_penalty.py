@@ -18,7 +18,10 @@ scored: FD against the test set and its ratio to the original's, PSNR against th
 both with 95% paired-bootstrap intervals (1000 resamples, seed 0), and the mean term of FD to the
 original's samples. It is an experiment, not a learning mode: maskc.learn knows no classifier.
 
-Usage: python benchmarks/bench_fd_penalty.py [--lams 0 8 30] [--n-cal 32] [--n 512] [--threads 1]
+``--hi`` bounds the searched masks' MACs from above (the learning window otherwise: [0.47, 0.51]), e.g. 0.5 for
+the target's 2.0x; ``--name`` names the result files.
+
+Usage: python benchmarks/bench_fd_penalty.py [--lams 0 8 30] [--n-cal 32] [--n 512] [--threads 1] [--hi H] [--name N]
 """
 from __future__ import annotations
 
@@ -37,16 +40,13 @@ import maskc
 from maskc import schedules
 from maskc.bench import SAMPLERS, code_version
 from maskc.eval import FMNISTFeatures, bootstrap_counts, interval, paired_bootstrap_fd, psnr_per_sample
-from maskc.learn import _conditioning, calibration_seed, learned_rows
-from maskc.refine import refine
-from maskc.rollout import MSE_FLOOR, Rollout
+from maskc.rollout import Rollout
 from maskc.sampling import generate
-from maskc.schedules import peer_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
-from bench_search_restarts import jobs, prepare  # noqa: E402
+from bench_search_restarts import jobs, prepare, search  # noqa: E402
 
 
 def mean_shift2(f: torch.Tensor, f_ref: torch.Tensor) -> float:
@@ -56,18 +56,21 @@ def mean_shift2(f: torch.Tensor, f_ref: torch.Tensor) -> float:
 
 
 class ShiftRollout(Rollout):
-    """A ``Rollout`` whose search score also charges ``lam`` dB per unit of ``mean_shift2`` of the features."""
+    """``base`` (its noises, states and reference samples) with a search score that also charges ``lam`` dB per
+    unit of ``mean_shift2`` of the final samples' features against the reference's."""
 
-    def __init__(self, feats: FMNISTFeatures, lam: float, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, base: Rollout, feats: FMNISTFeatures, lam: float) -> None:
+        self.__dict__.update(base.__dict__)
         self.feats, self.lam = feats, lam
         self.f_ref = feats.features(self.reference)
 
+    def _run(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
+        self._img = super()._run(bits, commit)
+        return self._img
+
     def score(self, bits: torch.Tensor, commit: bool = False) -> float:
-        img = self._run(bits, commit)
-        mse = (img.double() - self.reference.double()).pow(2).flatten(1).mean(1)
-        sat = float((10 * torch.log10(1 / (mse + MSE_FLOOR))).mean())
-        return sat - self.lam * mean_shift2(self.feats.features(img), self.f_ref) if self.lam else sat
+        sat = super().score(bits, commit)
+        return sat - self.lam * mean_shift2(self.feats.features(self._img), self.f_ref) if self.lam else sat
 
 
 def main() -> None:
@@ -75,6 +78,9 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="+", default=[0.0, 8.0, 30.0])
     ap.add_argument("--n-cal", type=int, default=32, help="calibration noises of the search")
     ap.add_argument("--n", type=int, default=512, help="evaluation noises (seed 1234)")
+    ap.add_argument("--hi", type=float, default=None,
+                    help="a hard upper bound on the searched masks' MACs (default: the learning window's, 0.51)")
+    ap.add_argument("--name", default="fd_penalty", help="results/<name>.md and .json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maskc_fd_penalty"),
                     help="searched masks, so an interrupted run resumes")
@@ -85,25 +91,17 @@ def main() -> None:
     feats = FMNISTFeatures(seed=0)
     t0 = time.perf_counter()
     p = prepare(j)
-    prob, cfg, traj, cost = p["prob"], p["cfg"], p["traj"], p["cost"]
+    prob, cost = p["prob"], p["cost"]
     phases_s = time.perf_counter() - t0
-    peers = peer_library(prob.names, prob.T, delta=traj.delta.tolist())
     searches = []
     for lam in a.lams:
-        path = os.path.join(a.work, f"lam{lam:g}-ncal{a.n_cal}.pt")
+        path = os.path.join(a.work, f"lam{lam:g}-ncal{a.n_cal}" + (f"-hi{a.hi:g}" if a.hi else "") + ".pt")
         if os.path.exists(path):
             s = torch.load(path)
         else:
-            g = torch.Generator().manual_seed(calibration_seed(j["seed"]))
-            call_kw, _ = _conditioning(a.n_cal, g, None, None, None)
-            noise = torch.randn((a.n_cal, *traj.xs[0].shape[1:]), generator=g)
-            t0 = time.perf_counter()
-            ro = ShiftRollout(feats, lam, prob.model, prob.names, prob.scheduler, noise, call_kw, None, prob.tkw,
-                              seed=j["seed"])
-            res = refine(ro, cost, [("learned (phase 3)", p["bits"])], peers, cfg.target - cfg.below,
-                         cfg.target + cfg.above, priority=traj.delta.tolist(), step_rows=learned_rows(p["scores"]),
-                         evaluations=cfg.search_evals, seed=j["seed"])
-            s = {"bits": res.bits, "score": res.psnr, "start": res.seed, "search_s": time.perf_counter() - t0}
+            bits, score, secs, start = search(p, j["seed"], j["seed"], n=a.n_cal, hi=a.hi,
+                                              wrap=lambda ro: ShiftRollout(ro, feats, lam))
+            s = {"bits": bits, "score": score, "start": start, "search_s": secs}
             torch.save(s, path)
         print(f"lam {lam:g}: score {s['score']:.2f}, from {s['start']}, {s['search_s']:.0f} s", flush=True)
         searches.append({"lam": lam, **s})
@@ -139,15 +137,17 @@ def main() -> None:
                       "mean_shift2": mean_shift2(F[label], F[o])})
         rows.append(r)
     res = {"benchmark": "fd_penalty", "command": "python benchmarks/bench_fd_penalty.py --lams "
-           + " ".join(f"{x:g}" for x in a.lams) + f" --n-cal {a.n_cal} --n {a.n} --threads {a.threads}",
+           + " ".join(f"{x:g}" for x in a.lams) + f" --n-cal {a.n_cal} --n {a.n} --threads {a.threads}"
+           + (f" --hi {a.hi:g}" if a.hi else "") + (f" --name {a.name}" if a.name != "fd_penalty" else ""),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"cpu_count": os.cpu_count(), "threads": a.threads,
                        "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
-           "code_version": code_version(), "phases_s": phases_s, "n": a.n, "n_cal": a.n_cal, "noise_seed": 1234,
+           "code_version": code_version(), "phases_s": phases_s, "n": a.n, "n_cal": a.n_cal, "hi": a.hi,
+           "noise_seed": 1234,
            "searches": [{k: v for k, v in s.items() if k != "bits"} for s in searches], "rows": rows}
-    with open(os.path.join(RESULTS, "fd_penalty.json"), "w") as fh:
+    with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as fh:
         json.dump(res, fh, indent=1)
-    with open(os.path.join(RESULTS, "fd_penalty.md"), "w") as fh:
+    with open(os.path.join(RESULTS, f"{a.name}.md"), "w") as fh:
         fh.write(markdown(res))
     print(markdown(res))
 
@@ -163,7 +163,8 @@ def markdown(res: dict) -> str:
            "mean classifier feature against the original's samples from the same noises. Evaluation: "
            f"{res['n']} noises (seed {res['noise_seed']}); in brackets, 95% paired-bootstrap intervals (1000 "
            "resamples, seed 0). FD: FD-FMNIST against the test set. Shift²: the penalty's term on the "
-           f"evaluation noises. Phases 1-3: {res['phases_s']:.0f} s.", "",
+           f"evaluation noises. Phases 1-3: {res['phases_s']:.0f} s. Searched MACs window: "
+           + (f"at most {res['hi']:g}." if res.get("hi") else "the learning window's [0.47, 0.51]."), "",
            "| method | MACs | PSNR dB | FD | FD / original | shift² |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         if "psnr" not in r:

@@ -39,6 +39,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict
+from typing import Callable
 
 import torch
 
@@ -48,7 +49,7 @@ from maskc.eval import bootstrap_counts, interval
 from maskc.learn import (LearnConfig, Problem, _conditioning, _slice1, _timestep_kw, calibration_seed,
                          learned_rows, noise_rollout, optimize_steps, project_budget, reference_trajectory)
 from maskc.refine import refine
-from maskc.rollout import MSE_FLOOR, GenerationCost
+from maskc.rollout import MSE_FLOOR, GenerationCost, Rollout
 from maskc.schedules import peer_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,25 +103,28 @@ def prepare(j: dict) -> dict:
             "frac": frac, "cond": cond, "uncond": uncond}
 
 
-def search(p: dict, noise_seed: int, stream_seed: int) -> tuple[torch.Tensor, float, float]:
-    """(bits, calibration score, seconds) of the search from p's projected mask, as
+def search(p: dict, noise_seed: int, stream_seed: int, n: int | None = None, hi: float | None = None,
+           wrap: Callable[[Rollout], Rollout] | None = None) -> tuple[torch.Tensor, float, float, str]:
+    """(bits, calibration score, seconds, the seed it started from) of the search from p's projected mask, as
     ``maskc.learn.refine_trajectory`` runs it on one process, with its calibration noises drawn from
     ``calibration_seed(noise_seed)`` and its random stream from ``stream_seed`` (``refine_trajectory``'s
-    restart r: both the learning seed + r)."""
+    restart r: both the learning seed + r). Other experiments: ``n`` calibration noises instead of
+    ``search_batch``; ``hi`` a hard upper MACs bound (the window never widens past it); ``wrap`` a
+    rollout with another search score (bench_fd_penalty.py)."""
     prob, cfg, traj, cost = p["prob"], p["cfg"], p["traj"], p["cost"]
     t0 = time.perf_counter()
     peers = peer_library(prob.names, prob.T, delta=traj.delta.tolist())
-    lo, hi = cfg.target - cfg.below, cfg.target + cfg.above
+    lo, up = cfg.target - cfg.below, cfg.target + cfg.above if hi is None else hi
     for widen in (False, True):
         if widen:  # as maskc.learn: coarse masks widen the window to the projection's MACs
-            lo, hi = min(lo, p["frac"]), max(hi, p["frac"])
-        rollout = noise_rollout(prob, traj.xs[0].shape[1:], cfg.search_batch, calibration_seed(noise_seed),
+            lo, up = min(lo, p["frac"]), max(up, p["frac"]) if hi is None else up
+        rollout = noise_rollout(prob, traj.xs[0].shape[1:], n or cfg.search_batch, calibration_seed(noise_seed),
                                 p["cond"], p["uncond"], noise_seed)
-        res = refine(rollout, cost, [("learned (phase 3)", p["bits"])], peers, lo, hi,
-                     priority=traj.delta.tolist(), step_rows=learned_rows(p["scores"]), evaluations=cfg.search_evals,
-                     seed=stream_seed, score=cfg.search_score)
+        res = refine(rollout if wrap is None else wrap(rollout), cost, [("learned (phase 3)", p["bits"])], peers,
+                     lo, up, priority=traj.delta.tolist(), step_rows=learned_rows(p["scores"]),
+                     evaluations=cfg.search_evals, seed=stream_seed, score=cfg.search_score)
         if res is not None:
-            return res.bits, res.psnr, time.perf_counter() - t0
+            return res.bits, res.psnr, time.perf_counter() - t0, res.seed
     raise SystemExit("no seed of the search fits the budget window")
 
 
@@ -134,7 +138,7 @@ def run_job(j: dict, n: int, n_select: int, rev: str | None) -> dict:
     phases_s = time.perf_counter() - t0
     masks, calib, secs = {}, {}, {}
     for label, dn, ds in VARIANTS:
-        masks[label], calib[label], secs[label] = search(p, j["seed"] + dn, j["seed"] + ds)
+        masks[label], calib[label], secs[label], _ = search(p, j["seed"] + dn, j["seed"] + ds)
         print(f"  {label}: calibration {calib[label]:.2f} dB, {secs[label]:.0f} s", flush=True)
     stored = stored_mask(j, rev)
     reproduces = stored.names == p["prob"].names and bool(torch.equal(stored.bits, masks["stream 0"]))
