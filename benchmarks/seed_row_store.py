@@ -78,21 +78,21 @@ def main() -> None:
     bm = bench_model(cfg.model, cfg.guidance_scale)
     from maskc.eval import EVAL_DIR
     from maskc.models.classifier import WEIGHTS as classifier_dir
-    folders = [os.path.relpath(f, ROOT) for f in (bm.path, classifier_dir, EVAL_DIR)]
+    weights = [os.path.relpath(f, ROOT) for f in (bm.path, classifier_dir, EVAL_DIR)]
     today = row_version()
     with tempfile.TemporaryDirectory() as tmp:
         then_root = tree_at(a.rev, ["maskc", "passes"], tmp)
         then = row_version(then_root)
         if then != today:
             raise SystemExit(f"row code at {a.rev} is {then}, today's is {today}: its rows would not be today's")
-        for rel in folders:
+        for rel in weights:
             if weights_version(os.path.join(then_root, rel)) != weights_version(os.path.join(ROOT, rel)):
                 raise SystemExit(f"{rel} at {a.rev} differs from today's")
     store = row_store(a.out, a.table, run_key(cfg, bm.path, "", bm.guidance), today)
-    folders = {os.path.dirname(p) for p in ls(a.rev, f"{out_rel}/partial/{a.table}")}
-    if len(folders) != 1:
-        raise SystemExit(f"expected one partial folder of {a.table} at {a.rev}, found {sorted(folders)}")
-    part = folders.pop()
+    parts = {os.path.dirname(p) for p in ls(a.rev, f"{out_rel}/partial/{a.table}")}
+    if len(parts) != 1:
+        raise SystemExit(f"expected one partial folder of {a.table} at {a.rev}, found {sorted(parts)}")
+    part = parts.pop()
     files = set(ls(a.rev, part))
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "code_version": table["code_version"], "row_version": then, "from_git": f"{a.rev}:{part}"}
@@ -101,10 +101,8 @@ def main() -> None:
         if r["family"] == "original":
             ident, sid = (r["method"], None), "original"
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                with open(os.path.join(tmp, "mask.json"), "wb") as f:
-                    f.write(show(a.table_rev, f"{out_rel}/{r['mask_file']}"))
-                mask = maskc.Mask.load(os.path.join(tmp, "mask.json"))
+            path = f"{out_rel}/{r['mask_file']}"
+            mask = maskc.Mask.from_dict(json.loads(show(a.table_rev, path)), source=f"{a.table_rev}:{path}")
             ident, sid = (r["method"], _bits_digest(mask)), _bits_digest(mask)
         d = _digest(ident)
         need = [f"{part}/row-{d}.json", f"{part}/features-{d}.safetensors"]
