@@ -13,12 +13,16 @@ import maskc.bench
 from maskc.bench import BenchConfig, run_bench
 from maskc.errors import MaskcError
 
+# paired-bootstrap resamples in these end-to-end runs: enough for intervals to exist and be compared across runs
+# (their values are checked in test_eval.py and by test_paired_intervals_compare_the_right_rows)
+BOOT = 100
+
 
 @pytest.mark.slow
 def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     cfg = BenchConfig(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
                       deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", time_batch=2,
-                      time_reps=2, threads=1, out=str(tmp_path), phase="quality",
+                      time_reps=2, threads=1, bootstrap=BOOT, out=str(tmp_path), phase="quality",
                       learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     q = run_bench(cfg, log=lambda s: None)
     methods = [r["method"] for r in q["rows"]]
@@ -72,7 +76,7 @@ def test_bench_best_peers(tmp_path) -> None:
 
     steps, n_sel = 4, 3
     cfg = BenchConfig(model="unet", steps=steps, n=4, batch=4, targets=(0.6,), main_target=0.6, select_n=n_sel,
-                      random=False, threads=1, out=str(tmp_path), phase="quality",
+                      random=False, threads=1, bootstrap=BOOT, out=str(tmp_path), phase="quality",
                       learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     res = run_bench(cfg, log=lambda s: None)
     learned = next(r for r in res["rows"] if r["family"] == "maskc")
@@ -178,7 +182,8 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     """Two shards split the quality phase and the one that finishes last writes the same table as one
     process; a shard's stored rows are not sampled again, and rows of other code are not reused."""
     kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, select_n=2, threads=1,
-              phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+              bootstrap=BOOT, phase="quality",
+              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
     sharded = tmp_path / "two"
     (sharded / "masks").mkdir(parents=True)
@@ -320,7 +325,8 @@ def _whole_run_and_a_fresh_folder(tmp_path, deepcache: tuple[int, ...] = (2,),
     folder sample every row again, without learning again."""
     kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=deepcache,
               deepcache_nonuniform=(), step_reuse=step_reuse, delta_threshold=(), random=False, threads=1,
-              phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
+              bootstrap=BOOT, phase="quality",
+              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2})
     whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
     out = tmp_path / "two"
     (out / "masks").mkdir(parents=True)
@@ -693,7 +699,7 @@ def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monk
     import maskc.sampling
 
     kw = dict(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
-              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", threads=1,
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", threads=1, bootstrap=BOOT,
               out=str(tmp_path), phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4,
                                                                 "search_batch": 2, "select_batch": 2})
     first = run_bench(BenchConfig(**kw), log=lambda s: None)
@@ -717,6 +723,20 @@ def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monk
     for a, b in zip(first["rows"], third["rows"]):  # the code did not really change: the same figures
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
+
+def test_row_store_is_keyed_by_the_sampling_code_and_the_row_settings_not_by_learning(tmp_path) -> None:
+    """Rows are served across runs only under the same row code and the same row settings (``ROW_KEY``);
+    what only learning depends on (its code version, its settings) leaves the store where it is."""
+    from maskc.models.shipped import shipped_dir
+
+    key = maskc.bench.run_key(BenchConfig(model="unet"), shipped_dir("unet"), "learning code", None)
+    here = maskc.bench.row_store(str(tmp_path), "t", key, "row code").dir
+    assert maskc.bench.row_store(str(tmp_path), "t", key, "row code").dir == here
+    assert maskc.bench.row_store(str(tmp_path), "t", key, "other row code").dir != here
+    for k in maskc.bench.ROW_KEY:
+        assert maskc.bench.row_store(str(tmp_path), "t", {**key, k: "other"}, "row code").dir != here, k
+    learning = {**key, "code": "other learning code", "learn_kwargs": {"iters": 1}, "targets": [0.1]}
+    assert maskc.bench.row_store(str(tmp_path), "t", learning, "row code").dir == here
 
 def test_a_partial_folder_is_keyed_by_the_models_content_not_its_path(tmp_path) -> None:
     """A partial folder committed from one checkout resumes in another (the model folder at another path), and

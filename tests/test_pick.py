@@ -57,6 +57,64 @@ def test_keeps_the_seed_with_the_best_selection_psnr() -> None:
     assert best.meta["provenance"]["macs_fraction"] == pick["macs_fraction"][k]
 
 
+def _fixed_masks(model: torch.nn.Module, steps: int, seeds: list[int]) -> dict[int, maskc.Mask]:
+    """A distinct random mask per seed (keep probability varying with the seed), standing in for learned ones."""
+    names = maskc.blocks(model)
+    out = {}
+    for s in seeds:
+        bits = torch.rand(steps, len(names), generator=torch.Generator().manual_seed(100 + s)) < 0.3 + 0.15 * (s % 4)
+        bits[0] = True
+        out[s] = maskc.Mask(bits, names, {"provenance": {"seed": s, "macs_fraction": float(bits.float().mean())}})
+    return out
+
+
+def _stub_learn(masks: dict[int, maskc.Mask], calls: list[int]):
+    def learn(*a, seed: int, **k) -> maskc.Mask:
+        calls.append(seed)
+        return maskc.Mask.from_dict(masks[seed].to_dict())  # a copy: the pick writes into its mask's meta
+    return learn
+
+
+def test_pick_keeps_the_best_of_the_seeds_masks_on_the_selection_noises(monkeypatch) -> None:
+    """The pick alone, in seconds (learning stubbed by fixed masks): every mask scored on the selection noises
+    as an independent sampler with forward hooks scores it, and the best kept (not the first seed's)."""
+    import maskc.pick
+
+    model = archs.small_unet(sample_size=16, channels=1)
+    seeds, steps = [0, 1, 2, 3], 6
+    masks, calls = _fixed_masks(model, steps, seeds), []
+    monkeypatch.setattr(maskc.pick, "learn", _stub_learn(masks, calls))
+    best = learn_best(model, _sched(), steps, SHAPE, seeds=seeds, n_select=4, select_seed=77, progress=False)
+    ref = [_reference_psnr(model, masks[s], steps, 4, 77) for s in seeds]
+    pick = best.meta["provenance"]["pick"]
+    assert calls == seeds and pick["selection_psnr"] == pytest.approx(ref, abs=1e-3)
+    k = max(range(len(seeds)), key=lambda i: ref[i])
+    assert k != 0 and len({round(v, 2) for v in ref}) == len(seeds), "the pick would not be tested: " + str(ref)
+    assert pick["picked"] == seeds[k] and torch.equal(best.bits, masks[seeds[k]].bits)
+
+
+def test_under_torchrun_each_process_learns_only_its_share_of_the_seeds(monkeypatch) -> None:
+    """Process r of N learns seeds r, r + N, ... and no other, and scores the masks of all processes (the
+    process split and the gather stubbed; the real two-process run is the torchrun test below)."""
+    import maskc.pick
+
+    model = archs.small_unet(sample_size=16, channels=1)
+    seeds, steps = [3, 4, 5, 6, 7], 4
+    masks, calls, sent = _fixed_masks(model, steps, seeds), [], []
+
+    def gather(items: list, world: int) -> list:
+        assert world == 2
+        sent.extend(items)  # process 0's share first, as all_gather_object orders them
+        return [(s, masks[s].to_dict(), 0.0, 0) for s in seeds[0::2]] + items
+
+    monkeypatch.setattr(maskc.pick, "learn", _stub_learn(masks, calls))
+    monkeypatch.setattr(maskc.pick, "_seed_split", lambda: (1, 2))
+    monkeypatch.setattr(maskc.pick, "_gather", gather)
+    best = learn_best(model, _sched(), steps, SHAPE, seeds=seeds, n_select=2, select_seed=77, progress=False)
+    assert calls == seeds[1::2] and [s for s, *_ in sent] == seeds[1::2]
+    pick = best.meta["provenance"]["pick"]
+    assert pick["processes"] == 2 and pick["learned_by"] == [0, 1, 0, 1, 0] and len(pick["selection_psnr"]) == 5
+
 def test_pipeline_and_one_seed_is_learn() -> None:
     model = archs.small_unet(sample_size=16, channels=1)
     pipe = DDPMPipeline(unet=model, scheduler=_sched())
