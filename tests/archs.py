@@ -226,3 +226,8 @@ def small_unet(sample_size: int = 8, channels: int = 2, seed: int = 0):
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     )
     return randomize(m, seed)
+
+
+# maskc.learn settings for tests about something else than the search: every phase runs (the search and its
+# restarts too), on few noises
+SMALL_SEARCH = {"search_batch": 2, "search_evals": 20, "select_batch": 3}

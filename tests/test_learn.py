@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import maskc
 import archs
-from archs import randomize
+from archs import SMALL_SEARCH, randomize
 from maskc.models.dit import DiT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,7 +26,7 @@ def small_unet() -> UNet2DModel:
 
 
 def _learn(model, steps=6, target=0.6, **kw):
-    kw = {"iters": 10, "batch": 2, "search_batch": 2, "search_evals": 20, **kw}
+    kw = {"iters": 10, "batch": 2, **SMALL_SEARCH, **kw}
     return maskc.learn(model, DDIMScheduler(num_train_timesteps=1000), steps=steps, sample_shape=(1, 16, 16),
                        target=target, seed=0, progress=False, **kw)
 
@@ -120,7 +120,7 @@ def test_stochastic_and_timm_dit() -> None:
     m = randomize(DiT(input_size=16, in_channels=1, hidden_size=32, depth=2, num_heads=2), 0)
     mask = maskc.learn(m, DDIMScheduler(num_train_timesteps=1000), steps=4, sample_shape=(1, 16, 16), target=0.6,
                        cond=lambda n, g: {"y": torch.randint(0, 10, (n,), generator=g)}, sampling="stochastic",
-                       progress=False, iters=5, batch=2)
+                       progress=False, iters=5, batch=2, **SMALL_SEARCH)
     assert abs(mask.meta["provenance"]["macs_fraction"] - 0.6) <= 0.03 + 0.5 / (4 * 4)  # coarse: 4 blocks, 4 steps
 
 
@@ -170,7 +170,7 @@ def test_other_schedulers(sched: str) -> None:
 
     m = small_unet()
     mask = maskc.learn(m, getattr(diffusers, sched)(num_train_timesteps=1000), steps=5, sample_shape=(1, 16, 16),
-                       target=0.6, progress=False, iters=5, batch=2)
+                       target=0.6, progress=False, iters=5, batch=2, **SMALL_SEARCH)
     assert mask.meta["scheduler"] == sched and mask.steps == 5
     assert abs(mask.meta["provenance"]["macs_fraction"] - 0.6) <= 0.03
 
@@ -238,7 +238,7 @@ def test_classifier_free_guidance() -> None:
     h = m.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["class_labels"].clone()), with_kwargs=True)
     try:
         mask = maskc.learn(m, DDIMScheduler(num_train_timesteps=1000), steps=4, sample_shape=(1, 8, 8), target=0.6,
-                           seed=0, progress=False, iters=3, batch=2,
+                           seed=0, progress=False, iters=3, batch=2, **SMALL_SEARCH,
                            cond=lambda n, g: {"class_labels": torch.arange(n) % 10},
                            uncond=lambda n, g: {"class_labels": torch.full((n,), 10)}, guidance_scale=3.0)
     finally:

@@ -29,7 +29,7 @@ from diffusers import (
 )
 
 import maskc
-from archs import randomize
+from archs import SMALL_SEARCH, randomize
 from maskc.pipelines import learn_inputs
 from reference import HookReference
 
@@ -257,7 +257,8 @@ def test_pixart_alpha_cfg_equals_reference_and_learns() -> None:
     assert torch.equal(c["encoder_attention_mask"], text["prompt_attention_mask"][[0, 1, 0]].float())
     assert torch.equal(u["encoder_hidden_states"], text["negative_prompt_embeds"][[0, 1, 0]])
     assert c["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
-    mask = maskc.learn(pipe, target=0.7, **text, guidance_scale=3.0, num_inference_steps=3, iters=2, batch=2, progress=False)
+    mask = maskc.learn(pipe, target=0.7, **text, guidance_scale=3.0, num_inference_steps=3, iters=2, batch=2,
+                       progress=False, **SMALL_SEARCH)
     assert mask.steps == 3 and mask.meta["provenance"]["pipeline"] == "PixArtAlphaPipeline"
 
 
@@ -373,7 +374,8 @@ def test_the_swapped_module_looks_like_the_backbone() -> None:
 
 def test_learn_from_pipelines_and_apply_the_mask() -> None:
     pipe = ddim_pipe()
-    mask = maskc.learn(pipe, target=0.7, steps=3, iters=2, batch=2, progress=False)  # steps: num_inference_steps
+    mask = maskc.learn(pipe, target=0.7, steps=3, iters=2, batch=2, progress=False,  # steps: num_inference_steps
+                       **SMALL_SEARCH)
     s = copy.deepcopy(pipe.scheduler)
     s.set_timesteps(3)
     assert mask.steps == 3 and mask.meta["timesteps"] == [float(t) for t in s.timesteps]
@@ -383,7 +385,7 @@ def test_learn_from_pipelines_and_apply_the_mask() -> None:
 
     sd = sd_pipe(text=True)
     mask = maskc.learn(sd, target=0.7, prompt=["a cat", "a dog"], negative_prompt="blurry", guidance_scale=3.0,
-                       num_inference_steps=3, iters=2, batch=2, progress=False)
+                       num_inference_steps=3, iters=2, batch=2, progress=False, **SMALL_SEARCH)
     assert mask.steps == 3 and mask.meta["provenance"]["guidance_scale"] == 3.0
     maskc.apply(sd, mask)
     sd(prompt="a bird", guidance_scale=3.0, num_inference_steps=3, height=8, width=8, output_type="np")
