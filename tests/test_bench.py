@@ -16,6 +16,8 @@ from maskc.errors import MaskcError
 # paired-bootstrap resamples in these end-to-end runs: enough for intervals to exist and be compared across runs
 # (their values are checked in test_eval.py and by test_paired_intervals_compare_the_right_rows)
 BOOT = 100
+# learning in these runs: every phase, on the fewest noises and iterations
+LEARN = {"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2, "select_batch": 2}
 
 
 @pytest.mark.slow
@@ -23,7 +25,7 @@ def test_bench_quality_then_time(tmp_path, monkeypatch) -> None:
     cfg = BenchConfig(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
                       deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", time_batch=2,
                       time_reps=2, threads=1, bootstrap=BOOT, out=str(tmp_path), phase="quality",
-                      learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2, "select_batch": 2})
+                      learn_kwargs=LEARN)
     q = run_bench(cfg, log=lambda s: None)
     methods = [r["method"] for r in q["rows"]]
     assert methods == ["original (full model)", "maskc learned, target 0.6", "DeepCache uniform N=2",
@@ -77,7 +79,7 @@ def test_bench_best_peers(tmp_path) -> None:
     steps, n_sel = 4, 3
     cfg = BenchConfig(model="unet", steps=steps, n=4, batch=4, targets=(0.6,), main_target=0.6, select_n=n_sel,
                       random=False, threads=1, bootstrap=BOOT, out=str(tmp_path), phase="quality",
-                      learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2, "select_batch": 2})
+                      learn_kwargs=LEARN)
     res = run_bench(cfg, log=lambda s: None)
     learned = next(r for r in res["rows"] if r["family"] == "maskc")
     chosen = [r for r in res["rows"] if r.get("best_for")]
@@ -183,7 +185,7 @@ def test_bench_shards_resume(tmp_path, monkeypatch) -> None:
     process; a shard's stored rows are not sampled again, and rows of other code are not reused."""
     kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, select_n=2, threads=1,
               bootstrap=BOOT, phase="quality",
-              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2, "select_batch": 2})
+              learn_kwargs=LEARN)
     whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
     sharded = tmp_path / "two"
     (sharded / "masks").mkdir(parents=True)
@@ -326,7 +328,7 @@ def _whole_run_and_a_fresh_folder(tmp_path, deepcache: tuple[int, ...] = (2,),
     kw = dict(model="unet", steps=3, n=8, batch=4, targets=(0.6,), main_target=0.6, peers="fixed", deepcache=deepcache,
               deepcache_nonuniform=(), step_reuse=step_reuse, delta_threshold=(), random=False, threads=1,
               bootstrap=BOOT, phase="quality",
-              learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4, "search_batch": 2, "select_batch": 2})
+              learn_kwargs=LEARN)
     whole = run_bench(BenchConfig(**kw, out=str(tmp_path / "one")), log=lambda s: None)
     out = tmp_path / "two"
     (out / "masks").mkdir(parents=True)
@@ -705,8 +707,7 @@ def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monk
 
     kw = dict(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
               deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", threads=1, bootstrap=BOOT,
-              out=str(tmp_path), phase="quality", learn_kwargs={"iters": 2, "batch": 2, "search_evals": 4,
-                                                                "search_batch": 2, "select_batch": 2})
+              out=str(tmp_path), phase="quality", learn_kwargs=LEARN)
     first = run_bench(BenchConfig(**kw), log=lambda s: None)
     assert not any(r["sampled_by"] == "row store" for r in first["rows"])
     calls: list[int] = []
@@ -742,6 +743,7 @@ def test_row_store_is_keyed_by_the_sampling_code_and_the_row_settings_not_by_lea
         assert maskc.bench.row_store(str(tmp_path), "t", {**key, k: "other"}, "row code").dir != here, k
     learning = {**key, "code": "other learning code", "learn_kwargs": {"iters": 1}, "targets": [0.1]}
     assert maskc.bench.row_store(str(tmp_path), "t", learning, "row code").dir == here
+
 
 def test_a_partial_folder_is_keyed_by_the_models_content_not_its_path(tmp_path) -> None:
     """A partial folder committed from one checkout resumes in another (the model folder at another path), and

@@ -11,7 +11,7 @@ from maskc.pick import learn_best
 from reference import HookReference
 
 SHAPE = (1, 16, 16)
-KW = {"iters": 10, "batch": 2, "search_batch": 2, "search_evals": 20, "select_batch": 3}
+KW = {"iters": 10, "batch": 2, **archs.SMALL_SEARCH}
 
 
 def _sched() -> DDIMScheduler:
@@ -114,6 +114,7 @@ def test_under_torchrun_each_process_learns_only_its_share_of_the_seeds(monkeypa
     assert calls == seeds[1::2] and [s for s, *_ in sent] == seeds[1::2]
     pick = best.meta["provenance"]["pick"]
     assert pick["processes"] == 2 and pick["learned_by"] == [0, 1, 0, 1, 0] and len(pick["selection_psnr"]) == 5
+
 
 def test_pipeline_and_one_seed_is_learn() -> None:
     model = archs.small_unet(sample_size=16, channels=1)
