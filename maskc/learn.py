@@ -101,6 +101,11 @@ class LearnConfig:
     # select_batch other noises kept (benchmarks/results/search_restarts.md); 1: the single search.
     search_restarts: int = 3
     select_batch: int = 32  # selection noises of the restarts (unused with one search)
+    # dB that the search and the restarts' selection subtract from a mask's score per unit of the unbiased squared
+    # shift of its final samples' mean feature (``learn(features=...)``) from the original's on the same noises:
+    # FD's mean term between the two (``maskc.rollout.feature_shift2``); 0: PSNR alone
+    # (benchmarks/results/fd_learn.md)
+    shift_weight: float = 0.0
     below: float = 0.03  # the budget window is [target - below, target + above]
     above: float = 0.01
 
@@ -120,6 +125,14 @@ class LearnConfig:
         if self.search_restarts < 1 or self.select_batch < 1:
             raise MaskcError(f"search_restarts and select_batch must be at least 1, got {self.search_restarts} and "
                              f"{self.select_batch}: search_restarts=1 is the single search")
+        if self.shift_weight < 0:
+            raise MaskcError(f"shift_weight must be >= 0 (dB per unit of feature shift), got {self.shift_weight}")
+        if self.shift_weight and (self.refine != "search" or self.search_score != "saturating"):
+            raise MaskcError("shift_weight charges the trajectory search's score: it needs refine='search' and "
+                             f"search_score='saturating', got {self.refine!r} and {self.search_score!r}")
+        if self.shift_weight and min(self.search_batch, self.select_batch) < 2:
+            raise MaskcError("shift_weight needs search_batch and select_batch of at least 2 (the feature shift "
+                             f"is estimated over the noises); got {self.search_batch} and {self.select_batch}")
         if self.below < 0 or self.above < 0:
             raise MaskcError(f"the budget window must contain the target; got below={self.below}, above={self.above}")
 
@@ -211,6 +224,7 @@ class Problem:
     guidance_scale: float | None
     ex_args: tuple  # batch-1 example (the MACs are counted on it)
     ex_kwargs: dict
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None  # learn(features=...): (n, d) of n samples
 
     @property
     def T(self) -> int:
@@ -475,9 +489,10 @@ def selection_seed(seed: int) -> int:
 
 
 def noise_rollout(prob: Problem, shape: Sequence[int], n: int, generator_seed: int, cond: Callable | None,
-                  uncond: Callable | None, seed: int, keep_states: bool = True) -> Rollout:
+                  uncond: Callable | None, seed: int, keep_states: bool = True, shift_weight: float = 0.0) -> Rollout:
     """A ``Rollout`` of n noises drawn (conditioning first, then noise) from ``generator_seed``, split over
-    torchrun processes: each holds its share, and the PSNRs are summed over processes."""
+    torchrun processes: each holds its share, and the PSNRs are summed over processes. Its score charges
+    ``shift_weight`` per unit of ``prob.features``' shift (none when 0)."""
     rank, world = _dist_rank_world()
     g = torch.Generator(device="cpu").manual_seed(generator_seed)
     call_kw, _ = _conditioning(n, g, cond, uncond, prob.guidance_scale)
@@ -488,7 +503,8 @@ def noise_rollout(prob: Problem, shape: Sequence[int], n: int, generator_seed: i
         noise = noise[idx]
         call_kw = _take(call_kw, idx, n, prob.guidance_scale is not None)
     return Rollout(prob.model, prob.names, prob.scheduler, noise, call_kw, prob.guidance_scale, prob.tkw,
-                   seed=seed, world=(world, n), keep_states=keep_states)
+                   seed=seed, world=(world, n), keep_states=keep_states,
+                   features=prob.features if shift_weight else None, shift_weight=shift_weight)
 
 
 def learned_rows(scores: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -519,7 +535,7 @@ def refine_trajectory(prob: Problem, cfg: LearnConfig, bits: torch.Tensor, score
 
     rank, _ = _dist_rank_world()
     rollout = noise_rollout(prob, traj.xs[0].shape[1:], cfg.search_batch, calibration_seed(seed, restart), cond,
-                            uncond, seed + restart)
+                            uncond, seed + restart, shift_weight=cfg.shift_weight)
     step_rows = learned_rows(scores)
     peers = peer_library(prob.names, prob.T, delta=traj.delta.tolist())
     bar = None
@@ -552,7 +568,8 @@ def select_restart(prob: Problem, cfg: LearnConfig, results: Sequence[RefineResu
     """(index of the kept result, every result's selection score): ``Rollout.score`` of each restart's mask on
     ``select_batch`` noises from ``selection_seed(seed)``; ties go to the earlier restart."""
     # the restarts' masks differ from the first steps on: keeping every step's state would only cost memory
-    roll = noise_rollout(prob, shape, cfg.select_batch, selection_seed(seed), cond, uncond, seed, keep_states=False)
+    roll = noise_rollout(prob, shape, cfg.select_batch, selection_seed(seed), cond, uncond, seed, keep_states=False,
+                         shift_weight=cfg.shift_weight)
     sel = [roll.score(r.bits) for r in results]
     return max(range(len(sel)), key=lambda k: (sel[k], -k)), sel
 
@@ -579,6 +596,7 @@ def learn(
     config: LearnConfig | None = None,
     checkpoint_dir: str | None = None,
     progress: bool = True,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **overrides: Any,
 ) -> Mask:
     """Learn a T x B mask keeping ``target`` of the model's MACs (see the module docstring).
@@ -593,6 +611,12 @@ def learn(
     prompt_embeds=... | class_labels=..., num_inference_steps=T, guidance_scale=...)``
     learns for its backbone, a copy of its scheduler, its step count and its
     conditioning (see ``maskc.pipelines.learn_inputs``).
+
+    ``features`` with ``shift_weight=W`` (a ``LearnConfig`` setting): the trajectory search and the restarts'
+    selection also charge W dB per unit of the squared shift of the final samples' mean feature from the
+    original's (FD's mean term, estimated without bias over the calibration noises). ``features(images)`` maps
+    images in [0, 1] of shape (n, C, H, W) (the sampler's output, rescaled; latents for a latent model) to an
+    (n, d) tensor: an image classifier's penultimate layer, Inception for FID. Phases 1 to 3 are unchanged.
     """
     from maskc.pipelines import PIPELINE_LEARN_ARGS, is_pipeline, learn_inputs
 
@@ -605,7 +629,7 @@ def learn(
             pkw.setdefault("num_inference_steps", steps)
         inputs = learn_inputs(model, guidance_scale=guidance_scale, **pkw)
         mask = learn(**inputs, target=target, seed=seed, blocks=blocks, config=config,
-                     checkpoint_dir=checkpoint_dir, progress=progress, **overrides)
+                     checkpoint_dir=checkpoint_dir, progress=progress, features=features, **overrides)
         mask.meta["provenance"]["pipeline"] = type(model).__name__
         return mask
     if scheduler is None or steps is None or sample_shape is None:
@@ -618,12 +642,16 @@ def learn(
         raise MaskcError(f"unknown learning settings {unknown}; LearnConfig has {sorted(asdict(cfg))}")
     cfg = LearnConfig(**{**asdict(cfg), "target": target, **overrides})
     cfg.validate()
+    if (features is None) != (cfg.shift_weight == 0):
+        raise MaskcError("features and shift_weight go together: pass learn(..., features=f, shift_weight=W) "
+                         f"with W > 0 to charge the samples' feature shift, or neither; got features="
+                         f"{'a callable' if features is not None else None} and shift_weight={cfg.shift_weight}")
     model.eval()
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     try:
         return _learn(model, scheduler, steps, sample_shape, cfg, seed, cond, uncond, guidance_scale, blocks,
-                      checkpoint_dir, progress)
+                      checkpoint_dir, progress, features)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(was_grad[n])
@@ -631,7 +659,8 @@ def learn(
 
 def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Sequence[int], cfg: LearnConfig,
            seed: int, cond: Callable | None, uncond: Callable | None, guidance_scale: float | None,
-           blocks: Sequence[str] | None, checkpoint_dir: str | None, progress: bool) -> Mask:
+           blocks: Sequence[str] | None, checkpoint_dir: str | None, progress: bool,
+           features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Mask:
     import maskc
 
     p0 = next(model.parameters())
@@ -653,7 +682,7 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
     if macs.sum() <= 0:
         raise MaskcError("the blocks have no MACs to save (FlopCounterMode counted none)")
     prob = Problem(model, scheduler, timesteps, names, graph, macs, float(graph.graph["total_macs"]), tkw,
-                   guidance_scale, ex_args, ex_kwargs)
+                   guidance_scale, ex_args, ex_kwargs, features)
 
     traj = reference_trajectory(prob, x, call_kw, cfg.loss_scaling, g)
     ckpt = None
@@ -718,6 +747,7 @@ def _learn(model: torch.nn.Module, scheduler: Any, steps: int, sample_shape: Seq
                 "macs_fraction": frac,
                 "budget_window": [lo, hi],
                 "guidance_scale": guidance_scale,
+                **({"features": getattr(features, "__qualname__", type(features).__name__)} if features else {}),
                 **({"search": search} if search else {}),
             },
         },

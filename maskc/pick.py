@@ -119,6 +119,9 @@ def learn_best(
     if int(select_seed) in seeds:
         raise MaskcError(f"select_seed {select_seed} is also a learning seed, so the pick would score masks on their "
                          "own calibration noises; choose a select_seed that is not in seeds")
+    if learn_kw.get("features") is not None or learn_kw.get("shift_weight"):
+        raise MaskcError("learn_best picks among seeds by PSNR alone, so it would drop learn's feature-shift charge "
+                         "(features=, shift_weight=); learn with features and search_restarts instead")
     if int(n_select) < 1:
         raise MaskcError(f"n_select must be at least 1; got {n_select}")
     if is_pipeline(model):  # learn takes the pipeline itself; the pick needs what it implies

@@ -17,7 +17,9 @@ Two measurements that mask learning needs many times, made cheap:
   Invariant: ``psnr(bits)`` is the mean PSNR, over the calibration samples, of the
   final samples in [0, 1] against the unmasked generation from the same noises;
   ``score(bits)`` is the same mean with ``MSE_FLOOR`` added to each MSE (the search's
-  objective, which a bit-identical sample cannot dominate).
+  objective, which a bit-identical sample cannot dominate), less ``shift_weight`` times
+  ``feature_shift2`` of the final samples' ``features`` against the unmasked samples'
+  when a feature map is given (FD's mean term; ``maskc.learn(features=...)``).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ import networkx as nx
 import torch
 import torch.utils._pytree as pytree
 
+from maskc.errors import MaskcError
 from maskc.passes.capture import capture, flatten_inputs
 from maskc.passes.rectify import rectify_bits
 from maskc.passes.rewrite import StepGraph, rewrite_step
 from maskc.sampling import denoise
 
-__all__ = ["GenerationCost", "Rollout", "MSE_FLOOR"]
+__all__ = ["GenerationCost", "Rollout", "MSE_FLOOR", "feature_shift2"]
 
 MSE_FLOOR = 1e-5  # added to each sample's MSE in ``Rollout.score``: PSNR saturates at 50 dB
 
@@ -109,12 +112,25 @@ class GenerationCost:
         return sum(self.row_flops(r) for r in b) / (self.full_step * b.shape[0])
 
 
+def feature_shift2(d_sum: torch.Tensor, d_sq_sum: torch.Tensor, n: int) -> float:
+    """Unbiased estimate of |E d|^2 from n paired feature differences d_i (given as their sum and the sum of
+    their squares, per feature, so that processes holding shares can add theirs): |mean|^2 - tr Cov / n. Its
+    expectation is the squared distance between the two samples' mean features, the mean term of FD between
+    them; it is 0 in expectation, and may be negative, when the means agree. Needs n >= 2."""
+    if n < 2:
+        raise MaskcError(f"the feature shift needs at least 2 samples to be unbiased, got {n}")
+    mean = d_sum.double() / n
+    var_sum = float(d_sq_sum.double().sum() - n * mean.pow(2).sum()) / (n - 1)
+    return float(mean.pow(2).sum()) - var_sum / n
+
+
 class Rollout:
     """Final samples of masked generations from fixed noises, rerun from the first changed step."""
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str], scheduler: Any, noise: torch.Tensor,
                  call_kw: dict, guidance_scale: float | None, timestep_kw: str, seed: int = 0,
-                 world: tuple[int, int] | None = None, keep_states: bool = True) -> None:
+                 world: tuple[int, int] | None = None, keep_states: bool = True,
+                 features: Callable[[torch.Tensor], torch.Tensor] | None = None, shift_weight: float = 0.0) -> None:
         self.names = list(names)
         self.scheduler = copy.deepcopy(scheduler)
         self.timesteps = list(self.scheduler.timesteps)
@@ -136,6 +152,9 @@ class Rollout:
         self._bits: torch.Tensor | None = None
         self._states: list[tuple[torch.Tensor, dict, Any]] = [(noise, {}, copy.deepcopy(self.scheduler))]
         self.reference = self._run(full, commit=True)
+        # score() charges shift_weight dB per unit of feature_shift2 of features(final) against these
+        self.features, self.shift_weight = features, shift_weight
+        self._f_ref = self._features(self.reference) if features is not None and shift_weight else None
 
     def _model_fn(self, row: torch.Tensor, cache: dict) -> Callable:
         sg = self._graphs.step(row)
@@ -187,14 +206,40 @@ class Rollout:
 
         PSNR that saturates at 50 dB: a sample bit-identical to the original's (a blank image
         that clamps to 0 under both) counts 50 dB, not the 120 dB of ``psnr``'s clamp, so a few
-        such samples cannot outweigh the others (``benchmarks/results/search_score_*.md``).
+        such samples cannot outweigh the others (``benchmarks/results/search_score_*.md``). With
+        ``features`` and a ``shift_weight``, less ``shift_weight * shift2(final samples)``.
         """
-        return self._mean(10 * torch.log10(1 / (self.mse(bits, commit) + MSE_FLOOR)))
+        img = self._run(bits, commit)
+        sat = self._mean(10 * torch.log10(1 / (self._mse(img) + MSE_FLOOR)))
+        return sat if self._f_ref is None else sat - self.shift_weight * self.shift2(img)
+
+    def shift2(self, img: torch.Tensor) -> float:
+        """``feature_shift2`` of ``features(img)`` against the unmasked samples' features, over every process's
+        calibration samples (img: this process's final samples)."""
+        d = self._features(img) - self._f_ref
+        sums = torch.stack([d.sum(0), d.pow(2).sum(0)])
+        n = len(d)
+        if self.world is not None and self.world[0] > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            n = self.world[1]
+        return feature_shift2(sums[0], sums[1], n)
+
+    def _features(self, img: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            f = self.features(img)
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or len(f) != len(img):
+            raise MaskcError(f"features(images) must return an (n, d) tensor for n images; got "
+                             f"{getattr(f, 'shape', type(f).__name__)} for {len(img)} images")
+        return f.detach().double()
 
     def mse(self, bits: torch.Tensor, commit: bool = False) -> torch.Tensor:
         """Per-sample MSE (float64, this process's share) of the final samples in [0, 1] under ``bits`` against
         the unmasked ones: what ``psnr`` and ``score`` average."""
-        img = self._run(bits, commit)
+        return self._mse(self._run(bits, commit))
+
+    def _mse(self, img: torch.Tensor) -> torch.Tensor:
         return (img.double() - self.reference.double()).pow(2).flatten(1).mean(1)
 
     def _mean(self, per_sample: torch.Tensor) -> float:

@@ -93,11 +93,18 @@ def test_search_restarts_keep_the_best_on_selection_noises() -> None:
     # here recomputed by an independent loop: maskc.compile driven by the scheduler, from noises drawn as documented
     from maskc.learn import selection_seed
 
-    g = torch.Generator().manual_seed(selection_seed(0))
-    noise = torch.randn((3, 1, 16, 16), generator=g)
+    x, y = _finals(m, three, selection_seed(0), 3)
+    mse = ((x - y).double() ** 2).flatten(1).mean(1)
+    assert float((10 * torch.log10(1 / (mse + 1e-5))).mean()) == pytest.approx(rs[k]["selection_score"], abs=1e-4)
+
+
+def _finals(m, mask, generator_seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final samples in [0, 1] of ``mask`` and of the original from n noises of ``generator_seed`` (6 DDIM steps),
+    by an independent loop: maskc.compile driven by the scheduler."""
+    noise = torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(generator_seed))
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(6)
-    tm = maskc.compile(m, three, example_args=(noise, sched.timesteps[0]))
+    tm = maskc.compile(m, mask, example_args=(noise, sched.timesteps[0]))
     x, y = noise, noise
     with torch.no_grad():
         for t in sched.timesteps:
@@ -105,8 +112,46 @@ def test_search_restarts_keep_the_best_on_selection_noises() -> None:
         sched.set_timesteps(6)
         for t in sched.timesteps:
             x = sched.step(tm(x, t).sample, t, x).prev_sample
-    mse = ((((x + 1) / 2).clamp(0, 1) - ((y + 1) / 2).clamp(0, 1)).double() ** 2).flatten(1).mean(1)
-    assert float((10 * torch.log10(1 / (mse + 1e-5))).mean()) == pytest.approx(rs[k]["selection_score"], abs=1e-4)
+    return ((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)
+
+
+def test_the_search_and_the_selection_charge_the_feature_shift() -> None:
+    """learn(features=f, shift_weight=W): the search's calibration score and the restarts' selection scores are
+    the saturating PSNR less W times the unbiased squared shift of the mean feature of the final samples from the
+    original's (recomputed here by an independent loop and numpy), and the mask records both settings."""
+    import numpy as np
+
+    from maskc.learn import calibration_seed, selection_seed
+
+    m = small_unet()
+    proj = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
+
+    def feats(img: torch.Tensor) -> torch.Tensor:
+        return img.flatten(1) @ proj
+
+    def charged(mask, generator_seed: int, n: int) -> float:
+        x, y = _finals(m, mask, generator_seed, n)
+        mse = ((x - y).double() ** 2).flatten(1).mean(1)
+        d = (feats(x).double() - feats(y).double()).numpy()
+        shift = float((d.mean(0) ** 2).sum() - np.trace(np.cov(d.T, ddof=1)) / n)
+        assert abs(shift) > 1e-3  # the charge is tested, not nil
+        return float((10 * torch.log10(1 / (mse + 1e-5))).mean()) - 20.0 * shift
+
+    one = _learn(m, target=0.7, search_restarts=1, search_batch=3, features=feats, shift_weight=20.0)
+    assert one.meta["provenance"]["config"]["shift_weight"] == 20.0
+    assert one.meta["provenance"]["features"].endswith("feats")
+    assert charged(one, calibration_seed(0), 3) == pytest.approx(one.meta["provenance"]["search"]["calibration_psnr"],
+                                                                abs=1e-3)
+    three = _learn(m, target=0.7, search_batch=3, select_batch=4, features=feats, shift_weight=20.0)
+    s3 = three.meta["provenance"]["search"]
+    assert charged(three, selection_seed(0), 4) == pytest.approx(s3["restarts"][s3["kept_restart"]]["selection_score"],
+                                                                 abs=1e-3)
+    with pytest.raises(maskc.MaskcError, match="go together"):
+        _learn(m, shift_weight=20.0)
+    with pytest.raises(maskc.MaskcError, match="go together"):
+        _learn(m, features=feats)
+    with pytest.raises(maskc.MaskcError, match="refine='search'"):
+        _learn(m, features=feats, shift_weight=1.0, refine="none")
 
 
 def test_selection_noises_are_no_restarts_calibration_noises() -> None:

@@ -120,6 +120,106 @@ def test_scores_are_the_plain_and_the_saturating_psnr_of_runtime_samples() -> No
     assert ro.psnr(bits) == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-12)
 
 
+@settings(max_examples=max(5, settings.default.max_examples // 2))
+@given(n=st.integers(2, 9), d=st.integers(1, 6), split=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_feature_shift_is_unbiased_fds_mean_term_and_adds_over_processes(n: int, d: int, split: int, seed: int) -> None:
+    """feature_shift2 = |mean d|^2 - tr Cov(d) / n with the n - 1 covariance (numpy's), from sums that shares
+    of the samples (processes) add."""
+    import numpy as np
+
+    from maskc.rollout import feature_shift2
+
+    diff = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.3
+    a = diff.numpy()
+    want = float((a.mean(0) ** 2).sum() - np.trace(np.atleast_2d(np.cov(a.T, ddof=1))) / n)
+    k = min(split, n - 1)
+    sums = [torch.stack([p.sum(0), p.pow(2).sum(0)]) for p in (diff[:k], diff[k:])]
+    total = sums[0] + sums[1]
+    assert feature_shift2(total[0], total[1], n) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    with pytest.raises(maskc.MaskcError, match="at least 2"):
+        feature_shift2(diff[0], diff[0] ** 2, 1)
+
+
+def test_score_charges_the_feature_shift_of_runtime_samples() -> None:
+    """With features and shift_weight, Rollout.score is the saturating PSNR of the runtime's final samples less
+    the weight times the unbiased squared shift of their mean feature from the unmasked samples' (numpy)."""
+    import numpy as np
+
+    model, sched, noise, kw, guidance = _setup("unet", "ddim", 4)
+    names = maskc.blocks(model)
+    proj = torch.randn(128, 3, generator=torch.Generator().manual_seed(2))
+    feats = lambda img: img.float().flatten(1) @ proj  # noqa: E731
+    ro = Rollout(model, names, sched, noise, kw, guidance, "timestep", features=feats, shift_weight=7.0)
+    plain = Rollout(model, names, sched, noise, kw, guidance, "timestep")
+    bits = torch.rand(STEPS, len(names), generator=torch.Generator().manual_seed(5)) < 0.5
+    bits[0] = True
+    full = torch.ones(STEPS, len(names), dtype=torch.bool)
+    ref = _runtime_final(model, maskc.Mask(full, names), sched, noise, kw, guidance).double()
+    out = _runtime_final(model, maskc.Mask(bits, names), sched, noise, kw, guidance).double()
+    dm = (feats(out).double() - feats(ref).double()).numpy()
+    shift = float((dm.mean(0) ** 2).sum() - np.trace(np.cov(dm.T, ddof=1)) / len(dm))
+    assert abs(7.0 * shift) > 1e-3, "the masked samples' features do not move: the charge would not be tested"
+    assert plain.score(bits) == pytest.approx(float((10 * torch.log10(1 / ((out - ref).pow(2).flatten(1).mean(1)
+                                                                            + 1e-5))).mean()), rel=1e-12)
+    assert ro.score(bits) == pytest.approx(plain.score(bits) - 7.0 * shift, rel=1e-9)
+    assert ro.psnr(bits) == plain.psnr(bits)  # the reported PSNR is not charged
+    with pytest.raises(maskc.MaskcError, match=r"\(n, d\)"):
+        Rollout(model, names, sched, noise, kw, guidance, "timestep", features=lambda img: img, shift_weight=1.0)
+
+
+def _charged_share(rank: int, world: int, store: str) -> tuple[float, float]:
+    """(charged, plain) score of one of ``world`` processes holding its share (k % world == rank, as
+    noise_rollout splits) of 5 calibration noises; world 1: no process group."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
+    try:
+        model, sched, noise, kw, guidance = _setup("unet", "ddim", 5)
+        names = maskc.blocks(model)
+        idx = torch.tensor([k for k in range(5) if k % world == rank])
+        proj = torch.randn(128, 3, generator=torch.Generator().manual_seed(2))
+        ro = Rollout(model, names, sched, noise[idx], kw, guidance, "timestep", world=(world, 5),
+                     features=lambda img: img.float().flatten(1) @ proj, shift_weight=7.0)
+        plain = Rollout(model, names, sched, noise[idx], kw, guidance, "timestep", world=(world, 5))
+        bits = torch.rand(STEPS, len(names), generator=torch.Generator().manual_seed(5)) < 0.5
+        bits[0] = True
+        return ro.score(bits), plain.score(bits)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _second_process(store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.save(_charged_share(1, 2, store), out)
+
+
+def test_the_charged_score_is_the_same_over_processes(tmp_path) -> None:
+    """Two processes holding 3 and 2 of 5 calibration noises score a mask as one process holding all 5 does (the
+    feature sums are reduced over processes before the shift is formed). The second process is forked: it
+    inherits the imports, so the test costs seconds, not an interpreter start."""
+    import multiprocessing
+
+    store, out = str(tmp_path / "store"), str(tmp_path / "second.pt")
+    child = multiprocessing.get_context("fork").Process(target=_second_process, args=(store, out))
+    child.start()
+    try:
+        a = _charged_share(0, 2, store)
+    finally:
+        child.join(timeout=180)
+    assert child.exitcode == 0
+    b, one = torch.load(out), _charged_share(0, 1, "")
+    assert a == b  # every process takes the same decisions
+    # batches of 3 and 2 against 5 round differently in float32 (~1e-5 per pixel): the same score to 2e-3 dB,
+    # where the charge itself is several dB
+    assert abs(one[1] - one[0]) > 1.0
+    assert a[0] == pytest.approx(one[0], abs=2e-3)
+
+
 def test_an_unknown_search_score_is_refused() -> None:
     """A misspelt objective raises, in the search and in LearnConfig, instead of silently ranking by plain PSNR."""
     _, names, cost, ro = _cost_and_rollout()

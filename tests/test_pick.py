@@ -130,6 +130,8 @@ def test_pipeline_and_one_seed_is_learn() -> None:
     ({"seeds": [1, 1]}, "distinct seeds"),
     ({"seeds": []}, "distinct seeds"),
     ({"n_select": 0}, "n_select must be at least 1"),
+    ({"features": lambda img: img.flatten(1), "shift_weight": 1.0, "seeds": [0], "iters": 1, "search_restarts": 1,
+      "search_evals": 0, "search_batch": 2, "n_select": 2}, "PSNR alone"),
 ])
 def test_refuses_a_pick_it_cannot_make_fairly(kw: dict, match: str) -> None:
     with pytest.raises(maskc.MaskcError, match=match):
