@@ -39,7 +39,8 @@ import torch
 import maskc
 from maskc import schedules
 from maskc.bench import SAMPLERS, code_version
-from maskc.eval import FMNISTFeatures, bootstrap_counts, interval, paired_bootstrap_fd, psnr_per_sample
+from maskc.eval import (FMNISTFeatures, bootstrap_counts, frechet_distances, frechet_distances_between, interval,
+                        paired_bootstrap_fd, psnr_per_sample)
 from maskc.rollout import Rollout
 from maskc.sampling import generate
 
@@ -71,6 +72,50 @@ class ShiftRollout(Rollout):
     def score(self, bits: torch.Tensor, commit: bool = False) -> float:
         sat = super().score(bits, commit)
         return sat - self.lam * mean_shift2(self.feats.features(self._img), self.f_ref) if self.lam else sat
+
+
+def evaluate(methods: dict, prob, cost, feats: FMNISTFeatures, n: int, heldout: dict | None = None) -> list[dict]:
+    """Rows of ``methods`` (label -> mask, None: the original, first) sampled on n noises (seed 1234, the first n of
+    ``maskc bench``'s, DDIM): FD-FMNIST against the test set and its ratio to the original's, PSNR against the
+    original's samples, with 95% paired-bootstrap intervals (1000 resamples, seed 0), MACs, and ``mean_shift2``
+    of the classifier features against the original's. ``heldout`` (keys features, mu, sigma: a second feature
+    map and its test-set mean and covariance) adds ``fd_heldout`` and its ratio, on the same resamples."""
+    c = prob.model.config
+    noise = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(1234))
+    X, F, H = {}, {}, {}
+    for label, m in methods.items():
+        sched = SAMPLERS["ddim"]()
+        fn, reset = (prob.model, None) if m is None else (lambda tm: (tm, tm.reset))(maskc.compile(prob.model, m))
+        X[label] = torch.cat([generate(fn, sched, noise[i:i + 128], prob.T, None, None, reset=reset)
+                              for i in range(0, n, 128)])
+        F[label] = feats.features(X[label])
+        if heldout is not None:
+            H[label] = heldout["features"](X[label])
+        print(f"{label}: sampled", flush=True)
+    R = feats.reference
+    counts = bootstrap_counts(n, 1000, 0)
+    labels = list(methods)
+    fd = paired_bootstrap_fd(dict(enumerate(F.values())), R.test_mu, R.test_sigma, counts)
+    o = labels[0]
+    fdh = paired_bootstrap_fd(dict(enumerate(H.values())), heldout["mu"], heldout["sigma"], counts) if H else {}
+    rows: list[dict] = []
+    for k, (label, m) in enumerate(methods.items()):
+        r = {"method": label, "fd": feats.score_features(F[label])["fd"], "fd_ci": interval(fd[k])}
+        if H:
+            r.update({"fd_heldout": float(frechet_distances(H[label], heldout["mu"], heldout["sigma"])[0]),
+                      "fd_heldout_ci": interval(fdh[k])})
+            if m is not None:
+                r.update({"fd_heldout_ratio": r["fd_heldout"] / rows[0]["fd_heldout"],
+                          "fd_heldout_ratio_ci": interval(fdh[k] / fdh[0])})
+        if m is not None:
+            psnr = psnr_per_sample(X[label], X[o])
+            r.update({"macs_fraction": cost.fraction(cost.rectify(m.bits)), "fd_ratio": r["fd"] / rows[0]["fd"],
+                      "fd_ratio_ci": interval(fd[k] / fd[0]), "psnr": float(psnr.mean()),
+                      "psnr_ci": interval(counts @ psnr.double() / n),
+                      "mean_shift2": mean_shift2(F[label], F[o]),
+                      "fd_to_original": float(frechet_distances_between(F[label], F[o])[0])})
+        rows.append(r)
+    return rows
 
 
 def main() -> None:
@@ -111,31 +156,7 @@ def main() -> None:
                "step-level reuse every 2": schedules.step_reuse(prob.names, prob.T, 2)}
     for s in searches:
         methods[f"search, lam {s['lam']:g}"] = maskc.Mask(s["bits"], prob.names)
-    c = prob.model.config
-    noise = torch.randn(a.n, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(1234))
-    X, F = {}, {}
-    for label, m in methods.items():
-        sched = SAMPLERS["ddim"]()
-        fn, reset = (prob.model, None) if m is None else (lambda tm: (tm, tm.reset))(maskc.compile(prob.model, m))
-        X[label] = torch.cat([generate(fn, sched, noise[i:i + 128], prob.T, None, None, reset=reset)
-                              for i in range(0, a.n, 128)])
-        F[label] = feats.features(X[label])
-        print(f"{label}: sampled", flush=True)
-    R = feats.reference
-    counts = bootstrap_counts(a.n, 1000, 0)
-    labels = list(methods)
-    fd = paired_bootstrap_fd(dict(enumerate(F.values())), R.test_mu, R.test_sigma, counts)
-    o = labels[0]
-    rows = []
-    for k, (label, m) in enumerate(methods.items()):
-        r = {"method": label, "fd": feats.score_features(F[label])["fd"], "fd_ci": interval(fd[k])}
-        if m is not None:
-            psnr = psnr_per_sample(X[label], X[o])
-            r.update({"macs_fraction": cost.fraction(cost.rectify(m.bits)), "fd_ratio": r["fd"] / rows[0]["fd"],
-                      "fd_ratio_ci": interval(fd[k] / fd[0]), "psnr": float(psnr.mean()),
-                      "psnr_ci": interval(counts @ psnr.double() / a.n),
-                      "mean_shift2": mean_shift2(F[label], F[o])})
-        rows.append(r)
+    rows = evaluate(methods, prob, cost, feats, a.n)
     res = {"benchmark": "fd_penalty", "command": "python benchmarks/bench_fd_penalty.py --lams "
            + " ".join(f"{x:g}" for x in a.lams) + f" --n-cal {a.n_cal} --n {a.n} --threads {a.threads}"
            + (f" --hi {a.hi:g}" if a.hi else "") + (f" --name {a.name}" if a.name != "fd_penalty" else ""),
@@ -152,10 +173,29 @@ def main() -> None:
     print(markdown(res))
 
 
+def row_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of ``evaluate``'s rows."""
+    ci = lambda v, c, f: f"{v:{f}} [{c[0]:{f}}, {c[1]:{f}}]"  # noqa: E731
+    h = "fd_heldout" in rows[0]
+    out = ["| method | MACs | PSNR dB | FD | FD / original | shift² |" + (" held-out FD | held-out FD / original |"
+                                                                         if h else ""),
+           "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if h else "")]
+    for r in rows:
+        hd = f" {ci(r['fd_heldout'], r['fd_heldout_ci'], '.2f')} |" if h else ""
+        if "psnr" not in r:
+            out.append(f"| {r['method']} | 1.000 | - | {ci(r['fd'], r['fd_ci'], '.2f')} | 1.00 | 0 |"
+                       + (hd + " 1.00 |" if h else ""))
+            continue
+        out.append(f"| {r['method']} | {r['macs_fraction']:.3f} | {ci(r['psnr'], r['psnr_ci'], '.2f')} | "
+                   f"{ci(r['fd'], r['fd_ci'], '.2f')} | {ci(r['fd_ratio'], r['fd_ratio_ci'], '.3f')} | "
+                   f"{r['mean_shift2']:.3f} |"
+                   + (hd + f" {ci(r['fd_heldout_ratio'], r['fd_heldout_ratio_ci'], '.3f')} |" if h else ""))
+    return out
+
+
 def markdown(res: dict) -> str:
     """The result table, every figure from ``res``."""
     m = res["machine"]
-    ci = lambda v, c, f: f"{v:{f}} [{c[0]:{f}}, {c[1]:{f}}]"  # noqa: E731
     out = ["# An FD-aware search score at U-Net, DDIM 20, level 0.5", "",
            f"Made by `{res['command']}` on {res['date']}: {m['processor']}, {m['cpu_count']} cores, {m['threads']} "
            f"thread(s), torch {m['torch']}, code version {res['code_version']} (module docstring). Search score: "
@@ -165,14 +205,7 @@ def markdown(res: dict) -> str:
            "resamples, seed 0). FD: FD-FMNIST against the test set. Shift²: the penalty's term on the "
            f"evaluation noises. Phases 1-3: {res['phases_s']:.0f} s. Searched MACs window: "
            + (f"at most {res['hi']:g}." if res.get("hi") else "the learning window's [0.47, 0.51]."), "",
-           "| method | MACs | PSNR dB | FD | FD / original | shift² |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in res["rows"]:
-        if "psnr" not in r:
-            out.append(f"| {r['method']} | 1.000 | - | {ci(r['fd'], r['fd_ci'], '.2f')} | 1.00 | 0 |")
-            continue
-        out.append(f"| {r['method']} | {r['macs_fraction']:.3f} | {ci(r['psnr'], r['psnr_ci'], '.2f')} | "
-                   f"{ci(r['fd'], r['fd_ci'], '.2f')} | {ci(r['fd_ratio'], r['fd_ratio_ci'], '.3f')} | "
-                   f"{r['mean_shift2']:.3f} |")
+           *row_table(res["rows"])]
     out += ["", "Searches (one each, the learning seed's random stream, 150 masks after the seeds):", "",
             "| lam | calibration score | started from | search s |", "| ---: | ---: | --- | ---: |"]
     for s in res["searches"]:
