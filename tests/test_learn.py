@@ -115,43 +115,58 @@ def _finals(m, mask, generator_seed: int, n: int) -> tuple[torch.Tensor, torch.T
     return ((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)
 
 
-def test_the_search_and_the_selection_charge_the_feature_shift() -> None:
-    """learn(features=f, shift_weight=W): the search's calibration score and the restarts' selection scores are
-    the saturating PSNR less W times the unbiased squared shift of the mean feature of the final samples from the
-    original's (recomputed here by an independent loop and numpy), and the mask records both settings."""
+def _charged(m, feats, mask, generator_seed: int, n: int) -> float:
+    """Saturating PSNR less 20 times the unbiased squared shift of the mean feature (numpy), recomputed."""
     import numpy as np
 
-    from maskc.learn import calibration_seed, selection_seed
+    x, y = _finals(m, mask, generator_seed, n)
+    mse = ((x - y).double() ** 2).flatten(1).mean(1)
+    d = (feats(x).double() - feats(y).double()).numpy()
+    shift = float((d.mean(0) ** 2).sum() - np.trace(np.cov(d.T, ddof=1)) / n)
+    assert abs(shift) > 1e-3  # the charge is tested, not nil
+    return float((10 * torch.log10(1 / (mse + 1e-5))).mean()) - 20.0 * shift
 
-    m = small_unet()
+
+def _proj_features():
     proj = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
 
     def feats(img: torch.Tensor) -> torch.Tensor:
         return img.flatten(1) @ proj
+    return feats
 
-    def charged(mask, generator_seed: int, n: int) -> float:
-        x, y = _finals(m, mask, generator_seed, n)
-        mse = ((x - y).double() ** 2).flatten(1).mean(1)
-        d = (feats(x).double() - feats(y).double()).numpy()
-        shift = float((d.mean(0) ** 2).sum() - np.trace(np.cov(d.T, ddof=1)) / n)
-        assert abs(shift) > 1e-3  # the charge is tested, not nil
-        return float((10 * torch.log10(1 / (mse + 1e-5))).mean()) - 20.0 * shift
 
-    one = _learn(m, target=0.7, search_restarts=1, search_batch=3, features=feats, shift_weight=20.0)
+CHEAP = {"iters": 3, "search_evals": 6}  # the charge is what is checked, not how good the mask is
+
+
+def test_the_search_charges_the_feature_shift() -> None:
+    """learn(features=f, shift_weight=W): the search's calibration score is the saturating PSNR less W times the
+    unbiased squared shift of the mean feature of the final samples from the original's (recomputed here by an
+    independent loop and numpy), and the mask records both settings; each needs the other."""
+    from maskc.learn import calibration_seed
+
+    m, feats = small_unet(), _proj_features()
+    one = _learn(m, target=0.7, search_restarts=1, search_batch=3, features=feats, shift_weight=20.0, **CHEAP)
     assert one.meta["provenance"]["config"]["shift_weight"] == 20.0
     assert one.meta["provenance"]["features"].endswith("feats")
-    assert charged(one, calibration_seed(0), 3) == pytest.approx(one.meta["provenance"]["search"]["calibration_psnr"],
-                                                                abs=1e-3)
-    three = _learn(m, target=0.7, search_batch=3, select_batch=4, features=feats, shift_weight=20.0)
-    s3 = three.meta["provenance"]["search"]
-    assert charged(three, selection_seed(0), 4) == pytest.approx(s3["restarts"][s3["kept_restart"]]["selection_score"],
-                                                                 abs=1e-3)
+    assert _charged(m, feats, one, calibration_seed(0), 3) == pytest.approx(
+        one.meta["provenance"]["search"]["calibration_psnr"], abs=1e-3)
     with pytest.raises(maskc.MaskcError, match="go together"):
         _learn(m, shift_weight=20.0)
     with pytest.raises(maskc.MaskcError, match="go together"):
         _learn(m, features=feats)
     with pytest.raises(maskc.MaskcError, match="refine='search'"):
         _learn(m, features=feats, shift_weight=1.0, refine="none")
+
+
+def test_the_restarts_selection_charges_the_feature_shift() -> None:
+    """With restarts, the kept restart's selection score is the charged score on the selection noises."""
+    from maskc.learn import selection_seed
+
+    m, feats = small_unet(), _proj_features()
+    three = _learn(m, target=0.7, search_batch=3, select_batch=4, features=feats, shift_weight=20.0, **CHEAP)
+    s3 = three.meta["provenance"]["search"]
+    assert _charged(m, feats, three, selection_seed(0), 4) == pytest.approx(
+        s3["restarts"][s3["kept_restart"]]["selection_score"], abs=1e-3)
 
 
 def test_selection_noises_are_no_restarts_calibration_noises() -> None:
