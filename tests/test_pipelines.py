@@ -391,6 +391,22 @@ def test_learn_from_pipelines_and_apply_the_mask() -> None:
     sd(prompt="a bird", guidance_scale=3.0, num_inference_steps=3, height=8, width=8, output_type="np")
 
 
+def test_learn_from_a_pipeline_passes_the_feature_map_on() -> None:
+    """learn(pipe, features=f, shift_weight=W) charges f of the pipeline's final samples: images in [0, 1] with the
+    pipeline's shape, one row per calibration noise."""
+    seen = []
+
+    def feats(img: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(img.shape[1:]), float(img.min()), float(img.max())))
+        return img.flatten(1)[:, :5]
+
+    mask = maskc.learn(ddim_pipe(), target=0.7, steps=3, iters=2, batch=2, progress=False, **SMALL_SEARCH,
+                       search_restarts=1, features=feats, shift_weight=5.0)
+    assert mask.meta["provenance"]["features"].endswith("feats") and mask.meta["provenance"]["pipeline"]
+    assert mask.meta["provenance"]["config"]["shift_weight"] == 5.0
+    assert seen and all(s == (3, 8, 8) and 0 <= lo <= hi <= 1 for s, lo, hi in seen)
+
+
 def test_learn_inputs_carry_the_pipelines_conditioning() -> None:
     sd = sd_pipe()
     p, n = embeds(2, 0)
