@@ -41,7 +41,7 @@ from maskc import schedules
 from maskc.bench import SAMPLERS, code_version
 from maskc.eval import (FMNISTFeatures, bootstrap_counts, frechet_distances, frechet_distances_between, interval,
                         paired_bootstrap_fd, psnr_per_sample)
-from maskc.rollout import Rollout
+from maskc.rollout import Rollout, feature_shift2
 from maskc.sampling import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,27 +51,20 @@ from bench_search_restarts import jobs, prepare, search  # noqa: E402
 
 
 def mean_shift2(f: torch.Tensor, f_ref: torch.Tensor) -> float:
-    """Unbiased squared norm of the mean paired feature difference (FD to the reference's mean term)."""
+    """Unbiased squared norm of the mean paired feature difference (FD to the reference's mean term): the
+    package's ``feature_shift2``, the term ``maskc.learn(features=...)`` charges."""
     d = f.double() - f_ref.double()
-    return float(d.mean(0).pow(2).sum() - d.var(0).sum() / len(d))
+    return feature_shift2(d.sum(0), d.pow(2).sum(0), len(d))
 
 
 class ShiftRollout(Rollout):
-    """``base`` (its noises, states and reference samples) with a search score that also charges ``lam`` dB per
-    unit of ``mean_shift2`` of the final samples' features against the reference's."""
+    """``base`` (its noises, states and reference samples) with the search score of ``Rollout(features=...,
+    shift_weight=lam)``: it also charges ``lam`` dB per unit of the final samples' feature shift (lam 0: none)."""
 
     def __init__(self, base: Rollout, feats: FMNISTFeatures, lam: float) -> None:
         self.__dict__.update(base.__dict__)
-        self.feats, self.lam = feats, lam
-        self.f_ref = feats.features(self.reference)
-
-    def _run(self, bits: torch.Tensor, commit: bool) -> torch.Tensor:
-        self._img = super()._run(bits, commit)
-        return self._img
-
-    def score(self, bits: torch.Tensor, commit: bool = False) -> float:
-        sat = super().score(bits, commit)
-        return sat - self.lam * mean_shift2(self.feats.features(self._img), self.f_ref) if self.lam else sat
+        self.features, self.shift_weight = feats.features, lam
+        self._f_ref = self._features(self.reference) if lam else None
 
 
 def evaluate(methods: dict, prob, cost, feats: FMNISTFeatures, n: int, heldout: dict | None = None) -> list[dict]:
