@@ -7,6 +7,8 @@ does not change what the rest of the network sees).
 By default the hooks sit on a deep copy of the model, so the reference never sees
 the calls that maskc's step graphs make into the original's submodules, and it can
 be built before or after ``maskc.compile`` and stay live beside it.
+
+``np_feature_shift2`` is the feature-shift charge's reference, written with numpy.
 """
 from __future__ import annotations
 
@@ -14,6 +16,15 @@ import copy
 from typing import Any, Callable
 
 import torch
+
+
+def np_feature_shift2(d: Any) -> float:
+    """|mean d|^2 - tr Cov(d) / n of n paired feature differences d [n, k] (numpy's n - 1 covariance): the unbiased
+    squared shift of the mean feature, FD's mean term."""
+    import numpy as np
+
+    d = np.asarray(d, dtype=np.float64)
+    return float((d.mean(0) ** 2).sum() - np.trace(np.atleast_2d(np.cov(d.T, ddof=1))) / len(d))
 
 
 class ReferenceOverflow(Exception):

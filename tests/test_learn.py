@@ -117,12 +117,11 @@ def _finals(m, mask, generator_seed: int, n: int) -> tuple[torch.Tensor, torch.T
 
 def _charged(m, feats, mask, generator_seed: int, n: int) -> float:
     """Saturating PSNR less 20 times the unbiased squared shift of the mean feature (numpy), recomputed."""
-    import numpy as np
+    from reference import np_feature_shift2
 
     x, y = _finals(m, mask, generator_seed, n)
     mse = ((x - y).double() ** 2).flatten(1).mean(1)
-    d = (feats(x).double() - feats(y).double()).numpy()
-    shift = float((d.mean(0) ** 2).sum() - np.trace(np.cov(d.T, ddof=1)) / n)
+    shift = np_feature_shift2((feats(x).double() - feats(y).double()).numpy())
     assert abs(shift) > 1e-3  # the charge is tested, not nil
     return float((10 * torch.log10(1 / (mse + 1e-5))).mean()) - 20.0 * shift
 

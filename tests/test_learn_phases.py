@@ -125,13 +125,11 @@ def test_scores_are_the_plain_and_the_saturating_psnr_of_runtime_samples() -> No
 def test_feature_shift_is_unbiased_fds_mean_term_and_adds_over_processes(n: int, d: int, split: int, seed: int) -> None:
     """feature_shift2 = |mean d|^2 - tr Cov(d) / n with the n - 1 covariance (numpy's), from sums that shares
     of the samples (processes) add."""
-    import numpy as np
-
     from maskc.rollout import feature_shift2
+    from reference import np_feature_shift2
 
     diff = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.3
-    a = diff.numpy()
-    want = float((a.mean(0) ** 2).sum() - np.trace(np.atleast_2d(np.cov(a.T, ddof=1))) / n)
+    want = np_feature_shift2(diff.numpy())
     k = min(split, n - 1)
     sums = [torch.stack([p.sum(0), p.pow(2).sum(0)]) for p in (diff[:k], diff[k:])]
     total = sums[0] + sums[1]
@@ -143,7 +141,7 @@ def test_feature_shift_is_unbiased_fds_mean_term_and_adds_over_processes(n: int,
 def test_score_charges_the_feature_shift_of_runtime_samples() -> None:
     """With features and shift_weight, Rollout.score is the saturating PSNR of the runtime's final samples less
     the weight times the unbiased squared shift of their mean feature from the unmasked samples' (numpy)."""
-    import numpy as np
+    from reference import np_feature_shift2
 
     model, sched, noise, kw, guidance = _setup("unet", "ddim", 4)
     names = maskc.blocks(model)
@@ -156,8 +154,7 @@ def test_score_charges_the_feature_shift_of_runtime_samples() -> None:
     full = torch.ones(STEPS, len(names), dtype=torch.bool)
     ref = _runtime_final(model, maskc.Mask(full, names), sched, noise, kw, guidance).double()
     out = _runtime_final(model, maskc.Mask(bits, names), sched, noise, kw, guidance).double()
-    dm = (feats(out).double() - feats(ref).double()).numpy()
-    shift = float((dm.mean(0) ** 2).sum() - np.trace(np.cov(dm.T, ddof=1)) / len(dm))
+    shift = np_feature_shift2((feats(out).double() - feats(ref).double()).numpy())
     assert abs(7.0 * shift) > 1e-3, "the masked samples' features do not move: the charge would not be tested"
     assert plain.score(bits) == pytest.approx(float((10 * torch.log10(1 / ((out - ref).pow(2).flatten(1).mean(1)
                                                                             + 1e-5))).mean()), rel=1e-12)
