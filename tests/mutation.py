@@ -723,7 +723,18 @@ try:
     from transformers import CLIPTextModel, CLIPTokenizer  # lazy modules: load them here, not in each child
 except ImportError:
     pass
+for plugin in ("xdist.plugin", "xdist.looponfail", "anyio.pytest_plugin", "_hypothesis_pytestplugin"):
+    try:
+        __import__(plugin)
+    except ImportError:
+        pass
 assert not any(k == "maskc" or k.startswith("maskc.") for k in sys.modules), "the server must not import maskc"
+# the plugins pytest loads from entry points, imported here once too; then everything the server holds goes
+# to gc's permanent generation: a child's collections (pytest runs gc.collect at exit) skip the server's
+# millions of objects instead of scanning them, and so do not touch, and copy, their pages either
+import gc
+gc.collect()
+gc.freeze()
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
