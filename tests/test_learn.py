@@ -240,7 +240,8 @@ def test_torchrun_two_processes_same_mask(tmp_path) -> None:
     small_unet().save_pretrained(model_dir)
     # two restarts, chosen on 3 selection noises: every phase splits over the processes, unevenly here
     common = ["learn", "--model", model_dir, "--steps", "6", "--target", "0.6", "--batch", "2", "--iters", "8",
-              "--threads", "1", "--search-restarts", "2", "--select-batch", "3"]
+              "--threads", "1", "--search-restarts", "2", "--select-batch", "3", "--search-evals", "20",
+              "--search-batch", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "maskc", *common, "--out", str(tmp_path / "one.json")],
                          env=env, capture_output=True, text=True, timeout=600)
