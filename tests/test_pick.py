@@ -157,8 +157,8 @@ def test_torchrun_splits_the_seeds_over_the_processes(tmp_path) -> None:
 
     model_dir = str(tmp_path / "model")
     archs.small_unet(sample_size=16, channels=1).save_pretrained(model_dir)
-    common = ["learn", "--model", model_dir, "--steps", "5", "--target", "0.6", "--batch", "2", "--iters", "8",
-              "--search-evals", "20", "--search-batch", "2", "--select-batch", "3", "--seed", "3", "4", "5",
+    common = ["learn", "--model", model_dir, "--steps", "5", "--target", "0.6", "--batch", "2", "--iters", "4",
+              "--search-evals", "6", "--search-batch", "2", "--select-batch", "3", "--seed", "3", "4", "5",
               "--n-select", "2", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "maskc", *common, "--out", str(tmp_path / "one.json")],
