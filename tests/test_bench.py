@@ -705,9 +705,10 @@ def test_row_store_serves_rows_of_the_same_bits_and_sampling_code(tmp_path, monk
     every row is sampled again."""
     import maskc.sampling
 
+    # a learned mask and a peer are enough: the random peer's bisection would only add time
     kw = dict(model="unet", steps=3, n=12, batch=6, targets=(0.6,), main_target=0.6, deepcache=(2,),
-              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", threads=1, bootstrap=BOOT,
-              out=str(tmp_path), phase="quality", learn_kwargs=LEARN)
+              deepcache_nonuniform=(), step_reuse=(), delta_threshold=(), peers="fixed", random=False, threads=1,
+              bootstrap=BOOT, out=str(tmp_path), phase="quality", learn_kwargs=LEARN)
     first = run_bench(BenchConfig(**kw), log=lambda s: None)
     assert not any(r["sampled_by"] == "row store" for r in first["rows"])
     calls: list[int] = []
