@@ -196,7 +196,7 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {here!r})
 from test_learn import small_unet, _learn
-m = _learn(small_unet(), steps=8, checkpoint_dir={ckpt!r}, iters=40)
+m = _learn(small_unet(), steps=8, checkpoint_dir={ckpt!r}, iters=20)
 m.save({out!r})
 """
 
@@ -221,8 +221,8 @@ def test_resume_after_kill(tmp_path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(out) and done >= 3
-    resumed = _learn(small_unet(), steps=8, checkpoint_dir=ckpt, iters=40)
-    uninterrupted = _learn(small_unet(), steps=8, iters=40)
+    resumed = _learn(small_unet(), steps=8, checkpoint_dir=ckpt, iters=20)
+    uninterrupted = _learn(small_unet(), steps=8, iters=20)
     assert resumed == uninterrupted
 
 
