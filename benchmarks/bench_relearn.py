@@ -221,16 +221,17 @@ def report() -> None:
              + (", ".join(f"{r['table']} {r['target']:g} at {r['rev']}" for r in done if r.get("rev")) or "none")
              + ".", "",
              f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
-             "| table | target | table's code | same bits | old score gives stored | differing bits | MACs stored "
+             "| table | target | table's code | learned again by | same bits | old score gives stored | differing bits | MACs stored "
              "| MACs new | learning s (stored / now) | plain stored | plain new | sat. stored | sat. new "
              "| identical (stored / new) | margin | 95% interval | search's score on its calibration noises "
              "(stored / new) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def cal(st: dict) -> str:
         return f"{st['calibration_score']:.2f}" if "calibration_score" in st else "-"
 
     for r in done:
-        head = (f"| {r['table']} | {r['target']:g} | {r['table_code']} | {'yes' if r['same_bits'] else '**no**'} "
+        head = (f"| {r['table']} | {r['target']:g} | {r['table_code']} | {r['code']} "
+                f"| {'yes' if r['same_bits'] else '**no**'} "
                 f"| {'' if r['same_bits'] else ('yes' if r['psnr_score_gives_stored'] else 'no')} "
                 f"| {r['differing_bits']} | {r['macs_stored']:.3f} | {r['macs_new']:.3f} "
                 f"| {r['stored_seconds']:.0f} / {'-' if r['seconds'] is None else format(r['seconds'], '.0f')} |")
