@@ -221,10 +221,10 @@ def report() -> None:
              + (", ".join(f"{r['table']} {r['target']:g} at {r['rev']}" for r in done if r.get("rev")) or "none")
              + ".", "",
              f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
-             "| table | target | table's code | learned again by | same bits | old score gives stored | differing bits | MACs stored "
-             "| MACs new | learning s (stored / now) | plain stored | plain new | sat. stored | sat. new "
-             "| identical (stored / new) | margin | 95% interval | search's score on its calibration noises "
-             "(stored / new) |",
+             "| table | target | table's code | learned again by | same bits | old score gives stored "
+             "| differing bits | MACs stored | MACs new | learning s (stored / now) | plain stored | plain new "
+             "| sat. stored | sat. new | identical (stored / new) | margin | 95% interval "
+             "| search's score on its calibration noises (stored / new) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def cal(st: dict) -> str:
         return f"{st['calibration_score']:.2f}" if "calibration_score" in st else "-"

@@ -723,15 +723,17 @@ try:
     from transformers import CLIPTextModel, CLIPTokenizer  # lazy modules: load them here, not in each child
 except ImportError:
     pass
-for plugin in ("xdist.plugin", "xdist.looponfail", "anyio.pytest_plugin", "_hypothesis_pytestplugin"):
+# the plugins pytest loads from entry points (whichever are installed), imported here once too
+from importlib.metadata import entry_points
+for ep in entry_points(group="pytest11"):
     try:
-        __import__(plugin)
-    except ImportError:
+        ep.load()
+    except Exception:  # a plugin that cannot load here fails the same way in the child, where pytest reports it
         pass
 assert not any(k == "maskc" or k.startswith("maskc.") for k in sys.modules), "the server must not import maskc"
-# the plugins pytest loads from entry points, imported here once too; then everything the server holds goes
-# to gc's permanent generation: a child's collections (pytest runs gc.collect at exit) skip the server's
-# millions of objects instead of scanning them, and so do not touch, and copy, their pages either
+# everything the server holds goes to gc's permanent generation: a child's collections (pytest runs gc.collect
+# at exit) skip the server's millions of objects instead of scanning them, and so do not touch, and copy,
+# their pages either
 import gc
 gc.collect()
 gc.freeze()
