@@ -203,6 +203,8 @@ def report() -> None:
     with open(os.path.join(RESULTS, "relearn.json"), "w") as f:
         json.dump(res, f, indent=1)
     same = sum(r["same_bits"] for r in done)
+    table_now = {j["table"]: j["table_code"] for j in jobs(TABLES)}  # the code that made each table as it stands
+    now = [r for r in done if r["table_code"] == table_now[r["table"]]]
     codes = sorted({r["code"] for r in done})
     lines = ["# The bench tables' learned masks, learned again by today's code", "",
              f"Made by `python benchmarks/bench_relearn.py --tables ... --shard K/2` (two one-thread processes, "
@@ -221,6 +223,9 @@ def report() -> None:
              + (", ".join(f"{r['table']} {r['target']:g} at {r['rev']}" for r in done if r.get("rev")) or "none")
              + ".", "",
              f"**{same} of {len(done)} masks come out bit for bit the same.**", "",
+             f"Of the masks the tables hold today (the table's code is that of the table's JSON now), "
+             f"{sum(r['same_bits'] for r in now)} of {len(now)}; the other {len(done) - len(now)} rows checked "
+             "masks of an earlier version of their table, since made again.", "",
              "| table | target | table's code | learned again by | same bits | old score gives stored "
              "| differing bits | MACs stored | MACs new | learning s (stored / now) | plain stored | plain new "
              "| sat. stored | sat. new | identical (stored / new) | margin | 95% interval "
