@@ -193,7 +193,8 @@ def run_job(j: dict, n: int, noise_seed: int, rev: str | None = None) -> dict:
 
 def report() -> None:
     done = []
-    for j in jobs(TABLES):
+    js = jobs(TABLES)
+    for j in js:
         if os.path.exists(part_path(j)):
             with open(part_path(j)) as f:
                 done.append(json.load(f))
@@ -203,7 +204,7 @@ def report() -> None:
     with open(os.path.join(RESULTS, "relearn.json"), "w") as f:
         json.dump(res, f, indent=1)
     same = sum(r["same_bits"] for r in done)
-    table_now = {j["table"]: j["table_code"] for j in jobs(TABLES)}  # the code that made each table as it stands
+    table_now = {j["table"]: j["table_code"] for j in js}  # the code that made each table as it stands
     now = [r for r in done if r["table_code"] == table_now[r["table"]]]
     codes = sorted({r["code"] for r in done})
     lines = ["# The bench tables' learned masks, learned again by today's code", "",
